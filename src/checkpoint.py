@@ -1,0 +1,142 @@
+"""Checkpoints: save, find the newest, resume (SPEC §2 run directory, §8 resume).
+
+A checkpoint is a `save_pretrained` directory (model + tokenizer) plus
+`training_state.pt` (optimizer, scheduler, step, best metric, RNG states of every
+rank) and `options.json`. Everything is plain data: `torch.load(weights_only=True)`
+reads it, and no argparse object is ever pickled.
+
+Saves are atomic: the directory is written under a temporary name and renamed into
+place; the previous version is moved aside first and removed last, so a kill at any
+moment leaves a complete `name` or a complete `name.old` that `resolve` finds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import dist
+from .options import options_dict
+
+logger = logging.getLogger("fid")
+
+STATE_FILE = "training_state.pt"
+
+
+def checkpoint_root(run_dir: str | Path) -> Path:
+    return Path(run_dir) / "checkpoint"
+
+
+def resolve(path: str | Path) -> Path | None:
+    """A complete checkpoint directory at `path`, or its `.old` twin after an interrupted swap."""
+    path = Path(path)
+    for candidate in (path, path.with_name(path.name + ".old")):
+        if (candidate / STATE_FILE).exists() or (candidate / "config.json").exists():
+            return candidate
+    return None
+
+
+def latest(run_dir: str | Path) -> Path | None:
+    """The run's `latest` checkpoint, if any."""
+    return resolve(checkpoint_root(run_dir) / "latest")
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def _fsync_dir(path: Path) -> None:
+    for f in path.iterdir():
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+
+
+def save(
+    run_dir: str | Path,
+    name: str,
+    model,
+    tokenizer,
+    optimizer,
+    scheduler,
+    opt,
+    state: dict[str, Any],
+) -> Path | None:
+    """Save `checkpoint/<name>` atomically. Collective: every rank must call it (RNG gather)."""
+    rngs = dist.gather_objects(_rng_state())
+    if not dist.is_main():
+        return None
+    root = checkpoint_root(run_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / name
+    tmp = root / f".{name}.tmp"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    model = getattr(model, "module", model)  # unwrap DDP
+    model.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    payload = {
+        "step": int(state["step"]),
+        "best_metric": None if state.get("best_metric") is None else float(state["best_metric"]),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "rng": rngs,
+        "options": options_dict(opt),
+    }
+    torch.save(payload, tmp / STATE_FILE)
+    with open(tmp / "options.json", "w") as f:
+        json.dump(options_dict(opt), f, indent=1, sort_keys=True)
+    _fsync_dir(tmp)
+    old = root / f"{name}.old"
+    if old.exists():
+        shutil.rmtree(old)
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+    logger.info("saved checkpoint %s (step %d)", final, payload["step"])
+    return final
+
+
+def load_training_state(ckpt_dir: str | Path, optimizer=None, scheduler=None) -> dict[str, Any]:
+    """Restore optimizer, scheduler and this rank's RNG from a checkpoint; return step and best metric."""
+    path = Path(ckpt_dir) / STATE_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{ckpt_dir}: no {STATE_FILE}, not a training checkpoint of this code")
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if optimizer is not None and payload["optimizer"] is not None:
+        optimizer.load_state_dict(payload["optimizer"])
+    if scheduler is not None and payload["scheduler"] is not None:
+        scheduler.load_state_dict(payload["scheduler"])
+    rngs = payload.get("rng") or []
+    rank = dist.get_rank()
+    if rank < len(rngs):
+        _set_rng_state(rngs[rank])
+    return {"step": payload["step"], "best_metric": payload["best_metric"], "options": payload["options"]}

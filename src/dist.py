@@ -1,0 +1,133 @@
+"""Process groups and collective helpers (SPEC §9).
+
+One init for a single process, `torchrun` (RANK / LOCAL_RANK / WORLD_SIZE) and SLURM
+`srun` (SLURM_* variables). NCCL on GPU, gloo on CPU, so every distributed path runs
+on a laptop with `torchrun --nproc_per_node 2`. This module knows nothing of models.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+logger = logging.getLogger("fid")
+
+# Set by SIGUSR1 (SLURM sends it near the time limit): the trainer saves and requeues.
+PREEMPTED = {"flag": False}
+
+
+def _slurm_env(opt) -> bool:
+    """Fill torchrun-style variables from SLURM's when launched by `srun` (not under torchrun)."""
+    if "SLURM_PROCID" not in os.environ or "RANK" in os.environ:
+        return False
+    ntasks = int(os.environ.get("SLURM_NTASKS", "1"))
+    if ntasks <= 1:
+        return False
+    os.environ["RANK"] = os.environ["SLURM_PROCID"]
+    os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+    os.environ["WORLD_SIZE"] = str(ntasks)
+    if "MASTER_ADDR" not in os.environ:
+        nodes = subprocess.check_output(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]])
+        os.environ["MASTER_ADDR"] = nodes.split()[0].decode()
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = str(opt.main_port if opt.main_port > 0 else 29500)
+    return True
+
+
+def _on_sigusr1(signum, frame) -> None:
+    logger.warning("received SIGUSR1: saving and requeueing after the current step")
+    PREEMPTED["flag"] = True
+
+
+def requeue_slurm_job() -> None:
+    """Called by rank 0 after saving, when SIGUSR1 arrived."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if job:
+        logger.warning("requeueing SLURM job %s", job)
+        subprocess.run(["scontrol", "requeue", job], check=False)
+
+
+def init_distributed(opt) -> None:
+    """Set opt.rank, opt.world_size, opt.local_rank, opt.is_main, opt.is_distributed, opt.device."""
+    from_slurm = _slurm_env(opt)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    opt.rank = int(os.environ.get("RANK", "0"))
+    opt.local_rank = int(os.environ.get("LOCAL_RANK", max(opt.local_rank, 0)))
+    opt.world_size = world_size
+    opt.is_distributed = world_size > 1
+    opt.is_main = opt.rank == 0
+    use_cuda = torch.cuda.is_available() and getattr(opt, "device", None) != "cpu"
+    if use_cuda:
+        torch.cuda.set_device(opt.local_rank)
+        opt.device = torch.device("cuda", opt.local_rank)
+    else:
+        opt.device = torch.device("cpu")
+    if opt.is_distributed and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://")
+    if "SLURM_JOB_ID" in os.environ or from_slurm:
+        signal.signal(signal.SIGUSR1, _on_sigusr1)
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def is_main() -> bool:
+    return get_rank() == 0
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def _device() -> torch.device:
+    if is_distributed() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def sum_over_ranks(values: list[float]) -> list[float]:
+    if not is_distributed():
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64, device=_device())
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def weighted_average(value: float, count: int) -> tuple[float, int]:
+    """Average of per-rank averages weighted by their counts: (global mean, global count)."""
+    total, n = sum_over_ranks([value * count, float(count)])
+    return (total / n if n > 0 else 0.0), int(n)
+
+
+def any_over_ranks(flag: bool) -> bool:
+    return sum_over_ranks([float(flag)])[0] > 0
+
+
+def gather_objects(obj: Any) -> list[Any]:
+    """One entry per rank, on every rank (picklable objects; gloo and NCCL alike)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def destroy() -> None:
+    if is_distributed():
+        dist.destroy_process_group()

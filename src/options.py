@@ -1,0 +1,199 @@
+"""Every command-line flag, grouped as in the original FiD (SPEC §8).
+
+Scripts pick the groups they need; `save_options` writes the parsed options as plain
+JSON (never a pickled argparse object) and a readable `opt.log` marking non-defaults.
+This module reads no files and does not touch torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+class Options:
+    def __init__(self, description: str | None = None):
+        self.parser = argparse.ArgumentParser(
+            description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
+        )
+        self.add_common_options()
+
+    def add_common_options(self) -> None:
+        g = self.parser.add_argument_group("common")
+        g.add_argument("--name", type=str, default="experiment_name", help="name of the run directory")
+        g.add_argument("--checkpoint_dir", type=str, default="./checkpoint/", help="runs are saved here")
+        g.add_argument(
+            "--model_path",
+            type=str,
+            default="none",
+            help="saved model to start from (fresh optimizer); wins over --model_name_or_path and resume",
+        )
+        g.add_argument(
+            "--model_name_or_path",
+            type=str,
+            default=None,
+            help="pretrained weights of a fresh run: hub name or local dir (default: t5-<model_size> for the "
+            "reader, bert-base-uncased for the retriever)",
+        )
+        g.add_argument(
+            "--tokenizer_name_or_path",
+            type=str,
+            default=None,
+            help="tokenizer (default: the model directory when it holds a tokenizer)",
+        )
+        g.add_argument("--per_gpu_batch_size", type=int, default=1, help="batch size per GPU/process")
+        g.add_argument("--maxload", type=int, default=-1, help="read at most this many examples (-1: all)")
+        g.add_argument("--local_rank", type=int, default=-1, help="set by old launchers; torchrun uses LOCAL_RANK")
+        g.add_argument("--main_port", type=int, default=-1, help="port of the process group under SLURM")
+        g.add_argument("--seed", type=int, default=0, help="random seed")
+        g.add_argument("--eval_freq", type=int, default=500, help="evaluate every this many steps")
+        g.add_argument("--save_freq", type=int, default=5000, help="save step-N every this many steps")
+        g.add_argument("--eval_print_freq", type=int, default=1000, help="log evaluation progress this often")
+        g.add_argument(
+            "--precision",
+            choices=["fp32", "bf16", "fp16"],
+            default="fp32",
+            help="autocast precision (bf16/fp16 on GPU; bf16 also works on recent CPUs)",
+        )
+        g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
+        g.add_argument("--device", type=str, default=None, help="cuda / cpu (default: cuda when available)")
+
+    def add_reader_options(self) -> None:
+        g = self.parser.add_argument_group("reader")
+        g.add_argument("--train_data", type=str, default="none", help="question file (.json or .jsonl)")
+        g.add_argument("--eval_data", type=str, default="none", help="question file (.json or .jsonl)")
+        g.add_argument("--model_size", type=str, default="base", help="t5 size: small, base, large, ...")
+        g.add_argument("--use_checkpoint", action="store_true", help="activation checkpointing in the encoder")
+        g.add_argument("--text_maxlength", type=int, default=200, help="max tokens of question + passage")
+        g.add_argument("--answer_maxlength", type=int, default=-1, help="max target tokens (-1: no truncation)")
+        g.add_argument("--no_title", action="store_true", help="leave passage titles out of the input")
+        g.add_argument("--n_context", type=int, default=1, help="passages per question")
+        g.add_argument(
+            "--generation_max_length",
+            type=int,
+            default=50,
+            help="greedy decoding length, counting the decoder start token (the original's max_length)",
+        )
+        g.add_argument("--num_beams", type=int, default=1, help="beam search width (1: greedy, as the original)")
+
+    def add_retriever_options(self) -> None:
+        g = self.parser.add_argument_group("retriever")
+        g.add_argument("--train_data", type=str, default="none", help="dataset_wscores.json-style file")
+        g.add_argument("--eval_data", type=str, default="none", help="dataset_wscores.json-style file")
+        g.add_argument("--indexing_dimension", type=int, default=768, help="size of the projected embeddings")
+        g.add_argument("--no_projection", action="store_true", help="no projection: dim = encoder hidden size")
+        g.add_argument("--question_maxlength", type=int, default=40, help="max question tokens")
+        g.add_argument("--passage_maxlength", type=int, default=200, help="max passage tokens")
+        g.add_argument("--no_question_mask", action="store_true", help="mean-pool questions over padding too")
+        g.add_argument("--no_passage_mask", action="store_true", help="mean-pool passages over padding too")
+        g.add_argument("--extract_cls", action="store_true", help="pool with the first token instead of the mean")
+        g.add_argument("--no_title", action="store_true", help="leave passage titles out of the input")
+        g.add_argument("--n_context", type=int, default=1, help="passages per question")
+        g.add_argument("--temperature_gold", type=float, default=1.0, help="softmax temperature of gold scores")
+        g.add_argument("--temperature_score", type=float, default=1.0, help="softmax temperature of predictions")
+
+    def add_optim_options(self) -> None:
+        g = self.parser.add_argument_group("optimisation")
+        g.add_argument("--warmup_steps", type=int, default=1000)
+        g.add_argument("--total_steps", type=int, default=1000)
+        g.add_argument(
+            "--scheduler_steps",
+            type=int,
+            default=None,
+            help="total steps of the schedule (default: total_steps); the lr reaches 0 there",
+        )
+        g.add_argument("--accumulation_steps", type=int, default=1)
+        g.add_argument("--dropout", type=float, default=0.1, help="dropout rate")
+        g.add_argument("--lr", type=float, default=1e-4, help="learning rate")
+        g.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping")
+        g.add_argument("--optim", type=str, default="adam", choices=["adam", "adamw"])
+        g.add_argument("--scheduler", type=str, default="fixed", choices=["fixed", "linear"])
+        g.add_argument("--weight_decay", type=float, default=0.1)
+        g.add_argument("--fixed_lr", action="store_true", help="linear scheduler: flat after warmup")
+
+    def add_eval_options(self) -> None:
+        g = self.parser.add_argument_group("evaluation")
+        g.add_argument("--write_results", action="store_true", help="write final_output.txt (id<TAB>answer)")
+        g.add_argument(
+            "--write_crossattention_scores",
+            action="store_true",
+            help="write dataset_wscores.json: every ctx scored by the reader's cross-attention",
+        )
+        g.add_argument(
+            "--score_kind",
+            type=str,
+            default="xattn",
+            choices=["xattn", "xattn_softmax", "xattn_all_tokens", "xattn_value_norm"],
+            help="cross-attention score variant (paper [2]); xattn = first token, pre-softmax",
+        )
+
+    def add_embedding_options(self) -> None:
+        """generate_passage_embeddings.py"""
+        g = self.parser.add_argument_group("passage embeddings")
+        g.add_argument("--passages", type=str, default=None, help="passages .tsv (id, text, title)")
+        g.add_argument("--output_path", type=str, default="wikipedia_embeddings/passages", help="shard prefix")
+        g.add_argument("--shard_id", type=int, default=0, help="which shard to embed")
+        g.add_argument("--num_shards", type=int, default=1, help="how many shards in all")
+        g.add_argument("--passage_maxlength", type=int, default=200, help="max passage tokens")
+        g.add_argument("--no_fp16", action="store_true", help="fp32 on GPU (fp16 is the default there)")
+        g.add_argument("--no_title", action="store_true", help="leave passage titles out of the input")
+
+    def add_retrieval_options(self) -> None:
+        """passage_retrieval.py"""
+        g = self.parser.add_argument_group("retrieval")
+        g.add_argument("--data", "--data_path", dest="data", type=str, default=None, help="question file")
+        g.add_argument("--passages", type=str, default=None, help="passages .tsv (id, text, title)")
+        g.add_argument("--passages_embeddings", type=str, default=None, help="glob of embedding shards")
+        g.add_argument("--output_path", type=str, default=None, help="retrieved question file")
+        g.add_argument("--n-docs", dest="n_docs", type=int, default=100, help="passages per question")
+        g.add_argument("--validation_workers", type=int, default=32, help="processes computing hasanswer")
+        g.add_argument("--save_or_load_index", action="store_true", help="save the index, or load a saved one")
+        g.add_argument("--no_fp16", action="store_true", help="fp32 on GPU (fp16 is the default there)")
+        g.add_argument("--passage_maxlength", type=int, default=200, help="max passage tokens")
+        g.add_argument("--question_maxlength", type=int, default=40, help="max question tokens")
+        g.add_argument("--indexing_batch_size", type=int, default=50000, help="vectors added to FAISS at once")
+        g.add_argument("--n-subquantizers", dest="n_subquantizers", type=int, default=0, help="PQ (0: flat)")
+        g.add_argument("--n-bits", dest="n_bits", type=int, default=8, help="bits per PQ subquantizer")
+
+    def parse(self, argv: list[str] | None = None) -> argparse.Namespace:
+        opt = self.parser.parse_args(argv)
+        opt._defaults = {a.dest: a.default for a in self.parser._actions if a.dest != "help"}
+        return opt
+
+
+def options_dict(opt: argparse.Namespace) -> dict[str, Any]:
+    """The options as plain JSON-able data (what checkpoints and opt.log store)."""
+    out = {}
+    for key, value in vars(opt).items():
+        if key.startswith("_"):
+            continue
+        if isinstance(value, (str, int, float, bool)) or value is None:
+            out[key] = value
+        elif isinstance(value, (list, tuple)):
+            out[key] = list(value)
+        else:  # torch.device and the like
+            out[key] = str(value)
+    return out
+
+
+def format_options(opt: argparse.Namespace) -> str:
+    defaults = getattr(opt, "_defaults", {})
+    lines = []
+    for key, value in sorted(options_dict(opt).items()):
+        mark = f"\t[default: {defaults[key]}]" if key in defaults and defaults[key] != value else ""
+        lines.append(f"{key:>40}: {value}{mark}")
+    return "\n".join(lines)
+
+
+def save_options(opt: argparse.Namespace, run_dir: str | Path) -> None:
+    """opt.log (readable, non-defaults marked) and options.json (plain data) in the run directory."""
+    from .util import atomic_write  # util imports no torch at module level either
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_write(run_dir / "opt.log") as f:
+        f.write(format_options(opt) + "\n")
+    with atomic_write(run_dir / "options.json") as f:
+        json.dump(options_dict(opt), f, indent=1, sort_keys=True)

@@ -1,0 +1,126 @@
+"""What a reader step and a reader evaluation are, shared by train_reader.py and test_reader.py.
+
+Evaluation splits the examples across ranks (rank r takes every world_size-th one),
+generates answers (and optionally cross-attention scores), and gathers everything on
+every rank, so each example appears exactly once in the merged output.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import dist
+from .data import ReaderCollator, ReaderDataset
+from .evaluation import ems
+from .util import autocast
+
+logger = logging.getLogger("fid")
+
+
+def has_tokenizer(path: str | Path) -> bool:
+    path = Path(path)
+    return path.is_dir() and any(
+        (path / f).exists() for f in ("tokenizer.json", "tokenizer_config.json", "spiece.model")
+    )
+
+
+def tokenizer_source(opt, model_dir: str | Path | None) -> str:
+    """--tokenizer_name_or_path, else the model directory when it holds a tokenizer, else t5-<model_size>."""
+    if opt.tokenizer_name_or_path:
+        return opt.tokenizer_name_or_path
+    if model_dir is not None and (has_tokenizer(model_dir) or not os.path.exists(model_dir)):
+        return str(model_dir)  # a local dir with a tokenizer, or a hub name
+    fallback = opt.model_name_or_path if opt.model_name_or_path else f"t5-{opt.model_size}"
+    logger.warning("%s holds no tokenizer: using %s", model_dir, fallback)
+    return fallback
+
+
+def load_tokenizer(source: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(source)
+
+
+def set_dropout(model: torch.nn.Module, p: float) -> None:
+    """--dropout for every dropout layer (and the config, so checkpoints record it)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = p
+    if hasattr(model.config, "dropout_rate"):
+        model.config.dropout_rate = p
+
+
+def reader_loss(model, batch) -> torch.Tensor:
+    """Teacher-forced token cross-entropy of one collated batch."""
+    _, labels, _, context_ids, context_mask = batch
+    device = next(model.parameters()).device
+    out = model(
+        input_ids=context_ids.to(device),
+        attention_mask=context_mask.to(device),
+        labels=labels.to(device),
+    )
+    return out.loss
+
+
+@torch.no_grad()
+def generate_answers(
+    model,
+    tokenizer,
+    dataset: ReaderDataset,
+    collator: ReaderCollator,
+    opt,
+    with_scores: bool = False,
+    desc: str = "eval",
+) -> list[dict[str, Any]]:
+    """Answers (and passage scores) for every example, merged over ranks, in dataset order.
+
+    Each result: {"index", "answer", "scores" (list of N floats, only with_scores)}.
+    """
+    model.eval()
+    device = next(model.parameters()).device
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = list(range(rank, len(dataset), world))
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(dataset, mine),
+        batch_size=opt.per_gpu_batch_size,
+        collate_fn=collator,
+        num_workers=opt.num_workers,
+    )
+    results = []
+    bar = tqdm(loader, desc=desc, disable=not dist.is_main(), dynamic_ncols=True)
+    for i, (index, _, _, context_ids, context_mask) in enumerate(bar):
+        context_ids, context_mask = context_ids.to(device), context_mask.to(device)
+        kwargs = {"max_length": opt.generation_max_length, "num_beams": getattr(opt, "num_beams", 1)}
+        with autocast(opt):
+            if with_scores:
+                generated, scores = model.generate_with_scores(
+                    context_ids, context_mask, score_kind=getattr(opt, "score_kind", "xattn"), **kwargs
+                )
+            else:
+                generated = model.generate(input_ids=context_ids, attention_mask=context_mask, **kwargs)
+        for b, idx in enumerate(index.tolist()):
+            answer = tokenizer.decode(generated[b], skip_special_tokens=True, clean_up_tokenization_spaces=True)
+            result = {"index": idx, "answer": answer.strip()}
+            if with_scores:
+                n_real = int(context_mask[b].any(-1).sum())  # passages that exist (not padding)
+                result["scores"] = scores[b, :n_real].float().tolist()
+            results.append(result)
+        if opt.eval_print_freq > 0 and (i + 1) % opt.eval_print_freq == 0:
+            logger.info("%s: %d/%d batches", desc, i + 1, len(loader))
+    merged = [r for part in dist.gather_objects(results) for r in part]
+    merged.sort(key=lambda r: r["index"])
+    return merged
+
+
+def exact_match(results: list[dict[str, Any]], examples: list[dict[str, Any]]) -> tuple[float | None, int]:
+    """Mean EM over the examples that have gold answers (None when none have), and their count."""
+    scores = [ems(r["answer"], examples[r["index"]]["answers"]) for r in results if examples[r["index"]].get("answers")]
+    if not scores:
+        return None, 0
+    return sum(scores) / len(scores), len(scores)

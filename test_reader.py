@@ -1,0 +1,73 @@
+"""Evaluate a FiD reader; optionally write its answers and its cross-attention scores.
+
+    python test_reader.py --model_path checkpoint/my_experiment/checkpoint/best_dev \
+        --eval_data test.json --n_context 100 --per_gpu_batch_size 4 \
+        --name my_test --checkpoint_dir checkpoint --write_results --write_crossattention_scores
+
+Writes into checkpoint_dir/name/: final_output.txt (id<TAB>answer, --write_results)
+and dataset_wscores.json (--write_crossattention_scores: the eval data with
+ctxs[j]['score'] replaced by the reader's score of passage j, for the first
+n_context ctxs; the input to train_retriever.py).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from src import dist
+from src.data import ReaderCollator, ReaderDataset, load_questions, write_questions
+from src.model import FiDT5
+from src.options import Options, save_options
+from src.reader import exact_match, generate_answers, load_tokenizer, tokenizer_source
+from src.util import atomic_write, cli, init_logger, set_seed
+
+
+def main(argv: list[str] | None = None) -> None:
+    options = Options("Evaluate a FiD reader; export answers and cross-attention scores.")
+    options.add_reader_options()
+    options.add_eval_options()
+    opt = options.parse(argv)
+    dist.init_distributed(opt)
+    set_seed(opt.seed)
+    run_dir = Path(opt.checkpoint_dir) / opt.name
+    logger = init_logger(run_dir, opt.is_main)
+    if opt.is_main:
+        save_options(opt, run_dir)
+    if opt.model_path == "none":
+        raise SystemExit("test_reader.py: --model_path is required (a reader checkpoint directory)")
+
+    tokenizer = load_tokenizer(tokenizer_source(opt, opt.model_path))
+    model = FiDT5.load(opt.model_path, logger=logger).to(opt.device)
+    examples = load_questions(opt.eval_data, opt.maxload)
+    dataset = ReaderDataset(examples, opt.n_context, opt.no_title, source=opt.eval_data)
+    collator = ReaderCollator(tokenizer, opt.text_maxlength, opt.n_context)
+    logger.info("evaluating %s: %d examples, %d processes", opt.eval_data, len(examples), opt.world_size)
+
+    results = generate_answers(
+        model, tokenizer, dataset, collator, opt, with_scores=opt.write_crossattention_scores, desc="test"
+    )
+    em, n = exact_match(results, examples)
+    if em is None:
+        logger.info("%d answers generated; no gold answers in %s, so no EM", len(results), opt.eval_data)
+    else:
+        logger.info("EM %.5f over %d examples with answers (%s)", em, n, opt.eval_data)
+
+    if opt.is_main:
+        if opt.write_results:
+            with atomic_write(run_dir / "final_output.txt") as f:
+                for r in results:
+                    f.write(f"{examples[r['index']]['id']}\t{r['answer']}\n")
+            logger.info("answers written to %s", run_dir / "final_output.txt")
+        if opt.write_crossattention_scores:
+            for r in results:
+                ctxs = examples[r["index"]].get("ctxs") or []
+                for ctx, score in zip(ctxs, r["scores"]):
+                    ctx["score"] = score
+            write_questions(run_dir / "dataset_wscores.json", examples)
+            logger.info("cross-attention scores written to %s", run_dir / "dataset_wscores.json")
+    dist.barrier()
+    dist.destroy()
+
+
+if __name__ == "__main__":
+    cli(main)

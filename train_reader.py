@@ -1,0 +1,94 @@
+"""Train a Fusion-in-Decoder reader (paper [1]).
+
+    python train_reader.py --train_data train.json --eval_data dev.json \
+        --model_size base --per_gpu_batch_size 1 --n_context 100 --name my_experiment
+
+Multi-GPU: `torchrun --nproc_per_node 8 train_reader.py ...`. A run whose directory
+already holds `checkpoint/latest` resumes from it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from src import checkpoint, dist
+from src.data import ReaderCollator, ReaderDataset, load_questions, require_targets
+from src.model import FiDT5
+from src.options import Options, save_options
+from src.reader import exact_match, generate_answers, load_tokenizer, reader_loss, set_dropout, tokenizer_source
+from src.trainer import train
+from src.util import cli, count_params, init_logger, set_optim, set_seed
+
+
+def main(argv: list[str] | None = None) -> None:
+    options = Options("Train a Fusion-in-Decoder reader.")
+    options.add_reader_options()
+    options.add_optim_options()
+    opt = options.parse(argv)
+    dist.init_distributed(opt)
+    set_seed(opt.seed + opt.rank)
+    run_dir = Path(opt.checkpoint_dir) / opt.name
+    logger = init_logger(run_dir, opt.is_main)
+    if opt.is_main:
+        save_options(opt, run_dir)
+
+    # Which weights: --model_path (fresh optimizer) > resume from latest > --model_name_or_path.
+    resume_dir = checkpoint.latest(run_dir)
+    if opt.model_path != "none":
+        model_dir, resume_dir = opt.model_path, None
+    elif resume_dir is not None:
+        model_dir = str(resume_dir)
+    else:
+        model_dir = opt.model_name_or_path or f"t5-{opt.model_size}"
+    logger.info("model weights from %s%s", model_dir, " (resuming)" if resume_dir else "")
+    tokenizer = load_tokenizer(tokenizer_source(opt, model_dir))
+    model = FiDT5.load(model_dir, logger=logger)
+    set_dropout(model, opt.dropout)
+    model.set_checkpoint(opt.use_checkpoint)
+    model = model.to(opt.device)
+    logger.info("reader: %.1fM parameters on %s", count_params(model) / 1e6, opt.device)
+
+    optimizer, scheduler = set_optim(opt, model)
+    state = {"step": 0, "best_metric": None}
+    if resume_dir is not None:
+        state = checkpoint.load_training_state(resume_dir, optimizer, scheduler)
+        logger.info("resumed at step %d (best dev EM %s)", state["step"], state["best_metric"])
+
+    train_examples = load_questions(opt.train_data, opt.maxload)
+    require_targets(train_examples, opt.train_data)
+    train_dataset = ReaderDataset(train_examples, opt.n_context, opt.no_title, seed=opt.seed, source=opt.train_data)
+    eval_examples = load_questions(opt.eval_data, opt.maxload) if opt.eval_data != "none" else []
+    eval_dataset = ReaderDataset(eval_examples, opt.n_context, opt.no_title, source=opt.eval_data)
+    # Evaluation sees no target (it generates), so the label length is irrelevant there.
+    collator = ReaderCollator(tokenizer, opt.text_maxlength, opt.n_context, opt.answer_maxlength)
+    logger.info("%d training examples, %d dev examples", len(train_dataset), len(eval_dataset))
+
+    def evaluate(model) -> dict[str, float]:
+        if not eval_examples:
+            return {}
+        results = generate_answers(model, tokenizer, eval_dataset, collator, opt, desc="dev")
+        em, _ = exact_match(results, eval_examples)
+        return {} if em is None else {"exact_match": em}
+
+    train(
+        model,
+        optimizer,
+        scheduler,
+        train_dataset,
+        collator,
+        reader_loss,
+        evaluate,
+        opt,
+        run_dir,
+        tokenizer,
+        state,
+        metric_name="exact_match",
+        higher_is_better=True,
+        logger=logger,
+    )
+    logger.info("done: checkpoints in %s", checkpoint.checkpoint_root(run_dir))
+    dist.destroy()
+
+
+if __name__ == "__main__":
+    cli(main)
