@@ -1,0 +1,136 @@
+"""Question files, validation errors, and the reader/retriever collators."""
+
+import json
+import math
+
+import pytest
+from transformers import AutoTokenizer
+
+from src.data import (
+    DataError,
+    ReaderCollator,
+    ReaderDataset,
+    RetrieverCollator,
+    RetrieverDataset,
+    encode_targets,
+    load_questions,
+    require_targets,
+    write_questions,
+)
+from src.tiny import build_word_tokenizer
+
+
+@pytest.fixture(scope="module")
+def parity_tokenizer(parity_dir):
+    return AutoTokenizer.from_pretrained(parity_dir / "tokenizer")
+
+
+def test_collator_matches_original_inputs(parity_dir, parity_tokenizer):
+    """Passages without special tokens, targets with exactly one </s>: the ids of inputs.json."""
+    expected = json.loads((parity_dir / "inputs.json").read_text())
+    examples = load_questions(parity_dir / "data.json")
+    dataset = ReaderDataset(examples, n_context=3)
+    collator = ReaderCollator(parity_tokenizer, text_maxlength=24, n_context=3)
+    index, labels, label_mask, ids, mask = collator([dataset[i] for i in range(len(dataset))])
+    assert ids.shape == (6, 3, 24)
+    for b, ex in enumerate(expected["examples"]):
+        assert dataset[b]["passages"] == ex["passage_strings"]
+        assert ids[b].tolist() == ex["input_ids"]
+        assert mask[b].tolist() == ex["attention_mask"]
+        assert labels[b].tolist() == ex["labels"]
+        assert labels[b][label_mask[b].bool()].tolist() == ex["labels_unpadded"]
+    # The tokenizer itself appends </s>; the collator must not add a second one.
+    assert parity_tokenizer("paris")["input_ids"][-1] == parity_tokenizer.eos_token_id
+    assert (labels == parity_tokenizer.eos_token_id).sum() == 6
+
+
+def test_answer_maxlength_pads_and_truncates(parity_tokenizer):
+    labels, mask = encode_targets(parity_tokenizer, ["the old king", "paris"], answer_maxlength=3)
+    assert labels.shape == (2, 3)
+    assert labels[1].tolist()[:2] == [25, 1] and labels[1, 2] == -100
+    assert mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+
+
+def test_missing_passages_are_fully_masked(parity_dir, parity_tokenizer):
+    examples = load_questions(parity_dir / "data.json")
+    examples[0]["ctxs"] = examples[0]["ctxs"][:1]
+    dataset = ReaderDataset(examples, n_context=3)
+    _, _, _, ids, mask = ReaderCollator(parity_tokenizer, 24, 3)([dataset[0]])
+    assert mask[0, 0].sum() > 0
+    assert mask[0, 1:].sum() == 0 and (ids[0, 1:] == parity_tokenizer.pad_token_id).all()
+
+
+def test_ctxs_sorted_by_numeric_or_string_score(tmp_path):
+    path = tmp_path / "q.jsonl"
+    ctxs = [{"title": "a", "text": "x", "score": "1.5"}, {"title": "b", "text": "y", "score": 7}]
+    path.write_text(json.dumps({"question": "q?", "answers": ["x"], "ctxs": ctxs}) + "\n")
+    examples = load_questions(path)
+    assert examples[0]["id"] == 0  # default id: position in the file
+    ReaderDataset(examples, n_context=2)
+    assert [c["title"] for c in examples[0]["ctxs"]] == ["b", "a"]
+
+
+def test_random_target_depends_on_seed_epoch_index():
+    examples = [{"question": "q", "answers": [f"a{i}" for i in range(50)]}]
+    ds = ReaderDataset(examples, 1, seed=3)
+    first = ds[0]["target"]
+    assert ds[0]["target"] == first  # deterministic within an epoch
+    ds.set_epoch(1)
+    seen = {ReaderDataset(examples, 1, seed=s)[0]["target"] for s in range(20)}
+    assert len(seen) > 1
+
+
+def test_write_and_reload_keeps_unknown_fields(tmp_path):
+    examples = [{"id": "q1", "question": "q?", "answers": ["a"], "extra": {"k": [1, 2]}, "ctxs": []}]
+    for name in ("out.json", "out.jsonl"):
+        write_questions(tmp_path / name, examples)
+        assert load_questions(tmp_path / name) == examples
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
+
+
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('[{"question": "q"}, {"answers": ["a"]}]', "example 1: missing or non-string 'question'"),
+        ('[{"question": "q", "answers": "a"}]', "'answers' must be a list of strings"),
+        ('[{"question": "q", "ctxs": [{"title": "t"}]}]', "ctx 0: expected an object with a string 'text'"),
+        ('[{"question": "q", "ctxs": [{"text": "t", "score": "high"}]}]', "score 'high' is not a number"),
+        ('[{"question": "q",\n "answers": [}]', "line 2: invalid JSON"),
+        ('{"question": "q"}', "expected a JSON list"),
+    ],
+)
+def test_bad_files_name_file_and_example(tmp_path, content, message):
+    path = tmp_path / "bad.json"
+    path.write_text(content)
+    with pytest.raises(DataError) as e:
+        load_questions(path)
+    assert str(path) in str(e.value) and message in str(e.value)
+
+
+def test_bad_jsonl_line_and_missing_file(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"question": "q"}\n\n{"question": \n')
+    with pytest.raises(DataError, match=r"bad.jsonl, line 3: invalid JSON"):
+        load_questions(path)
+    with pytest.raises(DataError, match="no such file"):
+        load_questions(tmp_path / "missing.json")
+
+
+def test_training_needs_a_target_or_answers():
+    with pytest.raises(DataError, match="example 1 .*no 'target' and no 'answers'"):
+        require_targets([{"question": "q", "answers": ["a"]}, {"question": "q", "answers": []}], "train.json")
+
+
+def test_retriever_collator_shapes_and_padding():
+    tok = build_word_tokenizer(["what is the capital of france paris london"], "bert")
+    examples = [
+        {"question": "capital of france", "ctxs": [{"title": "paris", "text": "capital", "score": 2.0}] * 3},
+        {"question": "what", "ctxs": [{"title": "london", "text": "is the capital", "score": "1"}]},
+    ]
+    ds = RetrieverDataset(examples, n_context=3)
+    index, q_ids, q_mask, p_ids, p_mask, gold = RetrieverCollator(tok, 3, 8, 16)([ds[0], ds[1]])
+    assert q_ids.shape[0] == 2 and p_ids.shape[:2] == (2, 3) and gold.shape == (2, 3)
+    assert q_ids[0, 0] == tok.cls_token_id  # BERT-style special tokens on the retriever side
+    assert gold[1, 0] == 1.0 and math.isinf(gold[1, 1]) and p_mask[1, 1:].sum() == 0
+    with pytest.raises(DataError, match="ctx 0 has no 'score'"):
+        RetrieverDataset([{"question": "q", "ctxs": [{"title": "t", "text": "x"}]}], 1, source="w.json")
