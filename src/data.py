@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import random
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -103,15 +104,24 @@ def load_questions(path: str | Path, maxload: int = -1) -> list[dict[str, Any]]:
     return examples
 
 
-def write_questions(path: str | Path, examples: list[dict[str, Any]]) -> None:
-    """Write a question file atomically: JSON lines if the suffix is .jsonl, else a JSON list."""
+def write_questions(path: str | Path, examples: Iterable[dict[str, Any]]) -> None:
+    """Write a question file atomically: JSON lines if the suffix is .jsonl, else a JSON list.
+
+    `examples` may be any iterable (a generator streams: one example in memory at a time).
+    """
     path = Path(path)
+    jsonl = path.suffix == ".jsonl"
     with atomic_write(path) as f:
-        if path.suffix == ".jsonl":
-            for ex in examples:
+        if not jsonl:
+            f.write("[")
+        for k, ex in enumerate(examples):
+            if jsonl:
                 f.write(json.dumps(ex, ensure_ascii=False) + "\n")
-        else:
-            json.dump(examples, f, indent=1, ensure_ascii=False)
+            else:
+                f.write(",\n" if k else "\n")
+                f.write(json.dumps(ex, indent=1, ensure_ascii=False))
+        if not jsonl:
+            f.write("\n]\n")
 
 
 def format_passage(title: str, text: str, no_title: bool = False) -> str:

@@ -126,7 +126,7 @@ def cli(main) -> None:
 
     try:
         main()
-    except (DataError, FileNotFoundError) as e:
+    except (DataError, FileNotFoundError, UnicodeDecodeError) as e:
         logger.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
