@@ -133,7 +133,7 @@ class Options:
         """generate_passage_embeddings.py"""
         g = self.parser.add_argument_group("passage embeddings")
         g.add_argument("--passages", type=str, default=None, help="passages .tsv (id, text, title)")
-        g.add_argument("--output_path", type=str, default="wikipedia_embeddings/passages", help="shard prefix")
+        g.add_argument("--output_path", type=str, default="wikipedia_embeddings/wiki", help="shard prefix")
         g.add_argument("--shard_id", type=int, default=0, help="which shard to embed")
         g.add_argument("--num_shards", type=int, default=1, help="how many shards in all")
         g.add_argument("--passage_maxlength", type=int, default=200, help="max passage tokens")

@@ -1,0 +1,198 @@
+"""Texts → retriever embeddings in batches, and the embedding shard files.
+
+Shared by generate_passage_embeddings.py (passages) and passage_retrieval.py (questions).
+
+Batching: within each chunk of texts, batches are formed from texts sorted by token
+length and padded to their own longest text (dynamic padding), so little compute goes
+to padding; the rows come back in the input order. Pooling is masked, so padding does
+not change an embedding; `pad_to_max_length=True` reproduces the original's fixed
+padding (needed when the retriever pools over padding, `--no_passage_mask`).
+
+Shard file `<output_path>_<shard_id:02d>.npz`: `ids` (unicode array, passage ids) and
+`embeddings` (float32, (n, dim)), read with allow_pickle=False. Legacy shards of the
+original code (a pickled `(ids, embeddings)` tuple) load only with `allow_pickle=True`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pickle
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+
+logger = logging.getLogger("fid.embedding")  # a child of the scripts' "fid" logger
+
+SHARD_SUFFIX = ".npz"
+
+
+class EmbeddingFileError(ValueError):
+    """An embedding shard that cannot be read; the message names the file."""
+
+
+def _chunks(items: Iterable, size: int) -> Iterator[list]:
+    it = iter(items)
+    while chunk := list(islice(it, size)):
+        yield chunk
+
+
+@torch.inference_mode()
+def embed_texts(
+    encode: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    tokenizer,
+    texts: Iterable[str],
+    batch_size: int,
+    max_length: int,
+    device: torch.device | str = "cpu",
+    fp16: bool = False,
+    sort_by_length: bool = True,
+    pad_to_max_length: bool = False,
+    chunk_size: int | None = None,
+    progress=None,
+) -> np.ndarray:
+    """Embeddings (n, dim) float32 of `texts`, in input order.
+
+    encode(input_ids (B, L), attention_mask (B, L)) -> (B, dim): e.g. retriever.embed_passages.
+    Texts are tokenized `chunk_size` at a time (default 256 batches), so memory stays
+    bounded for a shard of any size. `progress`: a tqdm bar advanced by texts embedded.
+    """
+    device = torch.device(device)
+    chunk_size = chunk_size or batch_size * 256
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    use_fp16 = fp16 and device.type == "cuda"
+    outputs: list[np.ndarray] = []
+    for chunk in _chunks(texts, chunk_size):
+        token_ids = tokenizer(chunk, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
+        lengths = np.array([len(t) for t in token_ids])
+        # Longest first: a batch that does not fit in memory fails at once, not at the end.
+        order = np.argsort(-lengths, kind="stable") if sort_by_length else np.arange(len(chunk))
+        chunk_out: np.ndarray | None = None
+        for start in range(0, len(chunk), batch_size):
+            rows = order[start : start + batch_size]
+            width = max_length if pad_to_max_length else int(lengths[rows].max())
+            ids = np.full((len(rows), width), pad_id, dtype=np.int64)
+            mask = np.zeros((len(rows), width), dtype=np.int64)
+            for j, r in enumerate(rows):
+                ids[j, : lengths[r]] = token_ids[r]
+                mask[j, : lengths[r]] = 1
+            ids_t = torch.from_numpy(ids).to(device)
+            mask_t = torch.from_numpy(mask).to(device)
+            with torch.autocast("cuda", dtype=torch.float16) if use_fp16 else contextlib.nullcontext():
+                emb = encode(ids_t, mask_t)  # (B, dim)
+            emb = emb.float().cpu().numpy()
+            if chunk_out is None:
+                chunk_out = np.empty((len(chunk), emb.shape[1]), dtype=np.float32)
+            chunk_out[rows] = emb  # back to input order
+            if progress is not None:
+                progress.update(len(rows))
+        outputs.append(chunk_out)
+    if not outputs:
+        return np.zeros((0, 0), dtype=np.float32)
+    return np.concatenate(outputs) if len(outputs) > 1 else outputs[0]
+
+
+def load_retriever(model_path: str, tokenizer_path: str | None, device: torch.device | str):
+    """A retriever saved by train_retriever.py (`Retriever.save_pretrained`) and its
+    tokenizer (from the same directory unless `tokenizer_path`), in eval mode on `device`."""
+    from transformers import AutoTokenizer
+
+    from .model import Retriever, is_saved_retriever
+
+    if not is_saved_retriever(model_path):
+        raise FileNotFoundError(
+            f"--model_path {model_path}: not a saved retriever (a directory written by train_retriever.py, "
+            "with a config.json of model_type fid_retriever)"
+        )
+    model = Retriever.from_pretrained(model_path, dtype=torch.float32)
+    model.eval().to(device)
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path)
+    return model, tokenizer
+
+
+def pools_over_padding(model, side: str) -> bool:
+    """Whether the retriever ignores the attention mask on this side (`--no_passage_mask` /
+    `--no_question_mask`): the encoder then attends to padding and the embedding depends
+    on the padded length, so we must pad to max length as the original did."""
+    return getattr(model.config, f"apply_{side}_mask", True) is False
+
+
+def _default_file_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+def shard_path(output_path: str | os.PathLike, shard_id: int) -> Path:
+    """`<output_path>_<shard_id:02d>.npz`: `--output_path wikipedia_embeddings/wiki` gives
+    wiki_00.npz, wiki_01.npz, ... which the glob `"wikipedia_embeddings/wiki_*"` finds."""
+    return Path(f"{output_path}_{shard_id:02d}{SHARD_SUFFIX}")
+
+
+def shard_range(n_passages: int, shard_id: int, num_shards: int) -> tuple[int, int]:
+    """Rows [start, end) of a shard: equal shards of n // num_shards, the last takes the remainder."""
+    if num_shards < 1 or not 0 <= shard_id < num_shards:
+        raise ValueError(f"shard_id must be in [0, num_shards), got shard_id={shard_id}, num_shards={num_shards}")
+    size = n_passages // num_shards
+    start = shard_id * size
+    end = n_passages if shard_id == num_shards - 1 else start + size
+    return start, end
+
+
+def write_shard(path: str | os.PathLike, ids: list[str], embeddings: np.ndarray) -> None:
+    """ids + float32 embeddings as an uncompressed .npz, written to a temp file then renamed."""
+    path = Path(path)
+    if len(ids) != len(embeddings):
+        raise ValueError(f"{len(ids)} ids for {len(embeddings)} embeddings")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, _default_file_mode())  # mkstemp makes 0600; shards are usually shared
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, ids=np.asarray(ids, dtype=str), embeddings=np.asarray(embeddings, dtype=np.float32))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def read_shard(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """(ids (n,) str, embeddings (n, dim) float32) of one shard, ours or (with allow_pickle) legacy."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic.startswith(b"PK"):  # zip: our .npz
+        try:
+            with np.load(path, allow_pickle=False) as data:
+                ids, embeddings = data["ids"], data["embeddings"]
+        except (KeyError, ValueError, OSError) as e:
+            raise EmbeddingFileError(f"{path}: not an embedding shard with 'ids' and 'embeddings' ({e})") from None
+    elif magic[:1] == b"\x80":  # a pickle (protocol >= 2): the original code's shards
+        if not allow_pickle:
+            raise EmbeddingFileError(
+                f"{path}: a pickled embedding shard (the original FiD format). Unpickling runs arbitrary code; "
+                "pass --allow_pickle_embeddings if you trust this file"
+            )
+        with open(path, "rb") as f:
+            loaded = pickle.load(f)  # noqa: S301 - explicit user opt-in above
+        try:
+            ids, embeddings = loaded
+        except (TypeError, ValueError):
+            raise EmbeddingFileError(f"{path}: legacy shard is not an (ids, embeddings) pair") from None
+        ids = np.asarray([str(i) for i in ids])
+    else:
+        raise EmbeddingFileError(
+            f"{path}: not an embedding shard (expected .npz written by generate_passage_embeddings.py)"
+        )
+    embeddings = np.asarray(embeddings, dtype=np.float32)
+    if embeddings.ndim != 2 or len(ids) != len(embeddings):
+        raise EmbeddingFileError(f"{path}: {len(ids)} ids for embeddings of shape {embeddings.shape}")
+    return ids.astype(str), embeddings
