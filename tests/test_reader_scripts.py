@@ -1,0 +1,131 @@
+"""train_reader.py and test_reader.py end to end, in one process and with torchrun (gloo)."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from src.data import load_questions
+from src.tiny import save_tiny_t5
+
+ROOT = Path(__file__).resolve().parent.parent
+COLORS = "red blue green yellow black white orange purple".split()
+NAMES = "anna boris clara dmitri elena farid greta hugo".split()
+
+
+def toy_examples(n: int, seed: int) -> list[dict]:
+    """'what color is X?' with the answer in one of two passages."""
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        name, other = rng.sample(NAMES, 2)
+        color, other_color = rng.sample(COLORS, 2)
+        ctxs = [
+            {"id": f"{i}a", "title": name, "text": f"{name} likes the color {color} .", "score": 2.0},
+            {"id": f"{i}b", "title": other, "text": f"{other} likes the color {other_color} .", "score": 1.0},
+        ]
+        rng.shuffle(ctxs)
+        out.append({"id": f"q{i}", "question": f"what color does {name} like ?", "answers": [color], "ctxs": ctxs})
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("reader")
+    texts = [" ".join(NAMES + COLORS), "question: title: context: what color does like the ? ."]
+    model_dir = save_tiny_t5(root / "t5", texts, d_model=32, layers=2)
+    for split, n, seed in (("train", 24, 0), ("dev", 6, 1)):
+        (root / f"{split}.json").write_text(json.dumps(toy_examples(n, seed)))
+    return root, model_dir
+
+
+def run_script(script: str, args: list[str], nproc: int = 1) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(29500 + random.randint(0, 2000)), script, *args]  # fmt: skip
+    else:
+        cmd = [sys.executable, script, *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+COMMON = ["--n_context", "2", "--text_maxlength", "16", "--per_gpu_batch_size", "4", "--device", "cpu"]
+
+
+@pytest.mark.slow
+def test_train_then_test_single_and_two_processes(setup):
+    root, model_dir = setup
+    run_script("train_reader.py", [
+        "--train_data", str(root / "train.json"), "--eval_data", str(root / "dev.json"),
+        "--model_name_or_path", str(model_dir), "--checkpoint_dir", str(root / "runs"), "--name", "train",
+        "--total_steps", "6", "--eval_freq", "3", "--save_freq", "6", "--lr", "1e-3", "--dropout", "0", *COMMON,
+    ])  # fmt: skip
+    ckpt = root / "runs" / "train" / "checkpoint"
+    assert {"latest", "best_dev", "step-6"} <= {p.name for p in ckpt.iterdir()}
+    log = (root / "runs" / "train" / "run.log").read_text()
+    assert "dev exact_match" in log and "step 6/6" in log
+    assert list((root / "runs" / "train").glob("events.out.tfevents.*"))
+    opts = json.loads((root / "runs" / "train" / "options.json").read_text())
+    assert opts["total_steps"] == 6 and opts["n_context"] == 2
+
+    outputs = {}
+    for nproc in (1, 2):
+        name = f"test{nproc}"
+        run_script("test_reader.py", [
+            "--model_path", str(ckpt / "latest"), "--eval_data", str(root / "dev.json"),
+            "--checkpoint_dir", str(root / "runs"), "--name", name, "--write_results",
+            "--write_crossattention_scores", "--per_gpu_batch_size", "2", *COMMON[:4], "--device", "cpu",
+        ], nproc=nproc)  # fmt: skip
+        run_dir = root / "runs" / name
+        lines = (run_dir / "final_output.txt").read_text().splitlines()
+        scored = load_questions(run_dir / "dataset_wscores.json")
+        outputs[nproc] = (lines, scored)
+        assert [line.split("\t")[0] for line in lines] == [f"q{i}" for i in range(6)]  # each example once
+        assert [ex["id"] for ex in scored] == [f"q{i}" for i in range(6)]
+        assert all(isinstance(c["score"], float) for ex in scored for c in ex["ctxs"])
+        assert "EM " in (run_dir / "run.log").read_text()
+    assert outputs[1][0] == outputs[2][0]
+    for a, b in zip(outputs[1][1], outputs[2][1]):
+        assert [c["score"] for c in a["ctxs"]] == pytest.approx([c["score"] for c in b["ctxs"]], abs=1e-5)
+
+
+@pytest.mark.slow
+def test_parity_checkpoint_through_test_reader(parity_dir, tmp_path):
+    """The original FiD's own answers and scores, through our script (issue 5)."""
+    expected = json.loads((parity_dir / "expected.json").read_text())
+    run_script("test_reader.py", [
+        "--model_path", str(parity_dir / "fid_checkpoint"), "--tokenizer_name_or_path", str(parity_dir / "tokenizer"),
+        "--eval_data", str(parity_dir / "data.json"), "--n_context", "3", "--text_maxlength", "24",
+        "--generation_max_length", "20", "--per_gpu_batch_size", "6", "--checkpoint_dir", str(tmp_path),
+        "--name", "plain", "--write_results", "--device", "cpu",
+    ])  # fmt: skip
+    lines = (tmp_path / "plain" / "final_output.txt").read_text().split("\n")[:-1]
+    assert [line.split("\t", 1)[1] for line in lines] == expected["plain_path"]["answers"]
+    run_script("test_reader.py", [
+        "--model_path", str(parity_dir / "fid_checkpoint"), "--tokenizer_name_or_path", str(parity_dir / "tokenizer"),
+        "--eval_data", str(parity_dir / "data.json"), "--n_context", "3", "--text_maxlength", "24",
+        "--generation_max_length", "20", "--per_gpu_batch_size", "4", "--checkpoint_dir", str(tmp_path),
+        "--name", "scores", "--write_crossattention_scores", "--device", "cpu",
+    ])  # fmt: skip
+    scored = load_questions(tmp_path / "scores" / "dataset_wscores.json")
+    for ex, want in zip(scored, expected["score_path"]["passage_scores"]):
+        assert [c["score"] for c in ex["ctxs"]] == pytest.approx(want, abs=5e-5)
+
+
+def test_bad_eval_file_is_a_clear_error(setup, tmp_path):
+    root, model_dir = setup
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"question": "q", "ctxs": [{"title": "t"}]}]')
+    proc = subprocess.run(
+        [sys.executable, "test_reader.py", "--model_path", str(model_dir), "--eval_data", str(bad),
+         "--checkpoint_dir", str(tmp_path), "--device", "cpu"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert f"{bad}, example 0, ctx 0: expected an object with a string 'text'" in proc.stderr
