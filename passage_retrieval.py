@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from src.data import DataError, load_questions, write_questions
+from src.data import DataError, format_question, load_questions, write_questions
 from src.embedding import EmbeddingFileError, embed_texts, load_retriever, pools_over_padding, read_shard
 from src.evaluation import retrieval_hits, top_k_accuracy
 from src.index import INDEX_FILE, Indexer
@@ -207,7 +207,7 @@ def main(argv=None) -> None:
         questions = embed_texts(
             model.embed_questions,
             tokenizer,
-            [ex["question"] for ex in examples],
+            [format_question(ex["question"]) for ex in examples],
             batch_size=opt.per_gpu_batch_size,
             max_length=opt.question_maxlength,
             device=device,

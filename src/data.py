@@ -124,6 +124,11 @@ def write_questions(path: str | Path, examples: Iterable[dict[str, Any]]) -> Non
             f.write("\n]\n")
 
 
+def format_question(question: str) -> str:
+    """Question text as the reader and the retriever see it (also at retrieval time)."""
+    return f"question: {question}"
+
+
 def format_passage(title: str, text: str, no_title: bool = False) -> str:
     """Passage text as the reader and the retriever see it."""
     return f"context: {text}" if no_title else f"title: {title} context: {text}"
@@ -183,7 +188,7 @@ class ReaderDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         ex = self.examples[index]
-        question = "question: " + ex["question"]
+        question = format_question(ex["question"])
         ctxs = (ex.get("ctxs") or [])[: self.n_context]
         passages = [f"{question} {format_passage(c.get('title', ''), c['text'], self.no_title)}" for c in ctxs]
         return {"index": index, "question": question, "target": self.target(index), "passages": passages}
@@ -271,6 +276,7 @@ class RetrieverDataset(torch.utils.data.Dataset):
         self.n_context = n_context
         self.no_title = no_title
         for i, ex in enumerate(examples):
+            sort_ctxs_by_score(ex)  # the best n_context by gold score, as the original
             ctxs = ex.get("ctxs") or []
             if not ctxs:
                 raise DataError(f"{source}, example {i} (id {ex.get('id')}): no ctxs to train the retriever on")
@@ -289,7 +295,7 @@ class RetrieverDataset(torch.utils.data.Dataset):
         ctxs = ex["ctxs"][: self.n_context]
         return {
             "index": index,
-            "question": "question: " + ex["question"],
+            "question": format_question(ex["question"]),
             "passages": [format_passage(c.get("title", ""), c["text"], self.no_title) for c in ctxs],
             "scores": [float(c["score"]) for c in ctxs],
         }
@@ -305,11 +311,23 @@ class RetrieverCollator:
     (`gold_scores == -inf`).
     """
 
-    def __init__(self, tokenizer, n_context: int, question_maxlength: int = 40, passage_maxlength: int = 200):
+    def __init__(
+        self,
+        tokenizer,
+        n_context: int,
+        question_maxlength: int = 40,
+        passage_maxlength: int = 200,
+        pad_questions_to_max: bool = False,
+        pad_passages_to_max: bool = False,
+    ):
         self.tokenizer = tokenizer
         self.n_context = n_context
         self.question_maxlength = question_maxlength
         self.passage_maxlength = passage_maxlength
+        # Without masks (--no_question_mask / --no_passage_mask) the encoder attends to
+        # padding, so padding must be the same everywhere: the maximum length, as the original.
+        self.question_padding = "max_length" if pad_questions_to_max else "longest"
+        self.passage_padding = "max_length" if pad_passages_to_max else "longest"
 
     def __call__(self, batch: list[dict[str, Any]]):
         index = torch.tensor([item["index"] for item in batch])
@@ -317,11 +335,11 @@ class RetrieverCollator:
             [item["question"] for item in batch],
             max_length=self.question_maxlength,
             truncation=True,
-            padding="longest",
+            padding=self.question_padding,
             return_tensors="pt",
         )
         flat = [p for item in batch for p in item["passages"]]
-        p = self.tokenizer(flat, max_length=self.passage_maxlength, truncation=True, padding="longest")
+        p = self.tokenizer(flat, max_length=self.passage_maxlength, truncation=True, padding=self.passage_padding)
         width = max(len(x) for x in p["input_ids"])
         B, N = len(batch), self.n_context
         passage_ids = torch.full((B, N, width), self.tokenizer.pad_token_id, dtype=torch.long)

@@ -7,6 +7,9 @@ import re
 import string
 import unicodedata
 
+import numpy as np
+import regex
+
 # ---------------------------------------------------------------------------
 # Reader: exact match with SQuAD normalization
 # ---------------------------------------------------------------------------
@@ -33,7 +36,148 @@ def ems(prediction: str, ground_truths: list[str]) -> bool:
 # Retrieval: DPR hasanswer, top-k accuracy
 # ---------------------------------------------------------------------------
 
+# DPR's simple tokenizer: a token is a run of letters, numbers and combining marks, or
+# any single character that is neither a separator nor a control/format character.
+_DPR_TOKEN = regex.compile(
+    r"[\p{L}\p{N}\p{M}]+|[^\p{Z}\p{C}]", flags=regex.IGNORECASE | regex.UNICODE | regex.MULTILINE
+)
+
+
+def dpr_tokens(text: str) -> list[str]:
+    """Lowercased DPR tokens of NFD-normalised text (accents become separate marks)."""
+    return [t.lower() for t in _DPR_TOKEN.findall(unicodedata.normalize("NFD", text))]
+
+
+def has_answer(answers: list[str], text: str) -> bool:
+    """Whether some answer's token sequence occurs contiguously in the text (DPR convention).
+
+    Token-level matching: "art" is not found in "party", "U.S." is found in "the U.S. army".
+    An answer with no tokens (empty string) never matches (DPR's loop would match it everywhere).
+    """
+    tokens = dpr_tokens(text)
+    for answer in answers:
+        needle = dpr_tokens(answer)
+        n = len(needle)
+        if n == 0:
+            continue
+        first = needle[0]
+        for i in range(len(tokens) - n + 1):
+            if tokens[i] == first and tokens[i : i + n] == needle:
+                return True
+    return False
+
+
+def top_k_accuracy(hits_per_question: list[list[bool]]) -> list[float]:
+    """accuracy[k-1] = share of questions with an answer-bearing passage in their top k.
+
+    One entry per k = 1..(longest ranking); a question with fewer passages counts its
+    whole list for larger k; a question with no passages counts as a miss.
+    """
+    n_docs = max((len(h) for h in hits_per_question), default=0)
+    if not hits_per_question or n_docs == 0:
+        return [0.0] * n_docs
+    found_at = [0] * (n_docs + 1)  # found_at[r]: questions whose first hit is at rank r (0-based)
+    for hits in hits_per_question:
+        first = next((r for r, hit in enumerate(hits) if hit), None)
+        if first is not None:
+            found_at[first] += 1
+    accuracy, found = [], 0
+    for r in range(n_docs):
+        found += found_at[r]
+        accuracy.append(found / len(hits_per_question))
+    return accuracy
+
+
+def _hits_of(item: tuple[list[str], list[str]]) -> list[bool]:
+    answers, texts = item
+    return [has_answer(answers, text) for text in texts]
+
+
+def retrieval_hits(answers: list[list[str]], ctx_texts: list[list[str]], workers: int = 1) -> list[list[bool]]:
+    """has_answer for every (question, ctx), in order; `workers` > 1 spreads questions over processes."""
+    items = list(zip(answers, ctx_texts))
+    if workers <= 1 or len(items) < 2 * workers:
+        return [_hits_of(item) for item in items]
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        return list(pool.map(_hits_of, items, chunksize=max(1, len(items) // (8 * workers))))
+
 
 # ---------------------------------------------------------------------------
 # Retriever ranking metrics (dev set of train_retriever.py)
 # ---------------------------------------------------------------------------
+
+
+def _as_numpy(x) -> np.ndarray:
+    """A torch tensor (any device/dtype) or array-like → float64 numpy array."""
+    if hasattr(x, "detach"):
+        x = x.detach().float().cpu().numpy()
+    return np.asarray(x, dtype=np.float64)
+
+
+def count_inversions(order) -> int:
+    """Number of pairs i < j with order[i] > order[j] (0 for a sorted sequence).
+
+    O(N²) vectorised; N is a question's passage count (≤ a few hundred).
+    """
+    a = np.asarray(order)
+    return int(np.triu(a[:, None] > a[None, :], k=1).sum())
+
+
+def gold_ranks_of_predicted(pred_scores, gold_scores) -> np.ndarray:
+    """For one question: the gold rank (0 = best gold score) of the 1st, 2nd, …
+    passage in the predicted order (both orders by descending score, ties kept in
+    position order). −inf entries in either (missing passages) are left out.
+
+    A perfect retriever gives [0, 1, 2, …].
+    """
+    pred, gold = _as_numpy(pred_scores), _as_numpy(gold_scores)
+    if pred.shape != gold.shape or pred.ndim != 1:
+        raise ValueError(f"one question's scores must be two vectors of equal length, got {pred.shape}, {gold.shape}")
+    keep = np.isfinite(pred) & np.isfinite(gold)
+    pred, gold = pred[keep], gold[keep]
+    gold_rank = np.empty(len(gold), dtype=np.int64)
+    gold_rank[np.argsort(-gold, kind="stable")] = np.arange(len(gold))
+    return gold_rank[np.argsort(-pred, kind="stable")]
+
+
+def question_ranking_metrics(pred_scores, gold_scores, ks=(1, 2, 5)) -> dict[str, float]:
+    """Ranking metrics of one question's N passages (paper [2], SPEC §5).
+
+    - `inversions`: pairs of passages that the predicted order puts the other way
+      round from the gold order.
+    - `avg_top{k}`: share of the predicted top-k that is inside the gold top-k
+      (1 = the same k passages, in any order).
+    - `idx_top{k}`: how many passages, taken in predicted order, are needed to cover
+      the whole gold top-k (k at best, N at worst).
+
+    When k ≥ N every passage is in both top-k's: avg = 1, idx = N.
+    """
+    ranks = gold_ranks_of_predicted(pred_scores, gold_scores)  # (N,)
+    if len(ranks) == 0:
+        raise ValueError("a question without any scored passage has no ranking metrics")
+    out = {"inversions": float(count_inversions(ranks))}
+    for k in ks:
+        in_gold_topk = ranks < k  # (N,) in predicted order
+        out[f"avg_top{k}"] = float(in_gold_topk[:k].mean())
+        out[f"idx_top{k}"] = float(np.flatnonzero(in_gold_topk).max() + 1)
+    return out
+
+
+def per_question_ranking_metrics(pred_scores, gold_scores, ks=(1, 2, 5)) -> dict[str, np.ndarray]:
+    """`question_ranking_metrics` for every row of (B, N) score matrices → {name: (B,) array}."""
+    pred, gold = _as_numpy(pred_scores), _as_numpy(gold_scores)
+    if pred.shape != gold.shape or pred.ndim != 2:
+        raise ValueError(f"expected two (B, N) score matrices of the same shape, got {pred.shape} and {gold.shape}")
+    rows = [question_ranking_metrics(p, g, ks) for p, g in zip(pred, gold)]
+    names = ["inversions"] + [f"{m}_top{k}" for m in ("avg", "idx") for k in ks]
+    return {name: np.array([row[name] for row in rows]) for name in names}
+
+
+def ranking_metrics(pred_scores, gold_scores, ks=(1, 2, 5)) -> dict[str, float]:
+    """Means over the B questions of `question_ranking_metrics` for (B, N) predicted
+    and gold scores (−inf marks a missing passage); keys `inversions`, `avg_top{k}`,
+    `idx_top{k}`."""
+    per_question = per_question_ranking_metrics(pred_scores, gold_scores, ks)
+    return {name: float(values.mean()) for name, values in per_question.items()}

@@ -11,7 +11,7 @@ import torch
 
 import generate_passage_embeddings
 import passage_retrieval
-from src.data import format_passage, load_questions
+from src.data import format_passage, format_question, load_questions
 from src.embedding import embed_texts, read_shard, write_shard
 from src.model import Retriever
 from src.passages import PassageStore
@@ -183,7 +183,11 @@ def test_passage_retrieval_end_to_end_subprocess(corpus, retriever_dir, referenc
     assert [ex["question"] for ex in examples] == [q["question"] for q in source]
     with torch.no_grad():
         enc = tokenizer(
-            [q["question"] for q in source], padding=True, truncation=True, max_length=16, return_tensors="pt"
+            [format_question(q["question"]) for q in source],
+            padding=True,
+            truncation=True,
+            max_length=16,
+            return_tensors="pt",
         )
         question_emb = retriever.embed_questions(enc["input_ids"], enc["attention_mask"]).numpy()
     row_of = {pid: i for i, pid in enumerate(store.ids())}
