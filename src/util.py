@@ -19,7 +19,6 @@ logger = logging.getLogger("fid")
 def init_logger(run_dir: str | Path | None = None, is_main: bool = True) -> logging.Logger:
     """Log to stdout and, on the main process, to `run_dir/run.log` (appending on resume)."""
     logger.handlers.clear()
-    logger.propagate = False
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
     fmt = logging.Formatter("[%(asctime)s] %(levelname)s %(message)s", datefmt="%m/%d %H:%M:%S")
     stream = logging.StreamHandler(sys.stdout)
