@@ -7,7 +7,8 @@
 Writes into checkpoint_dir/name/: final_output.txt (id<TAB>answer, --write_results)
 and dataset_wscores.json (--write_crossattention_scores: the eval data with
 ctxs[j]['score'] replaced by the reader's score of passage j, for the first
-n_context ctxs; the input to train_retriever.py).
+n_context ctxs; the input to train_retriever.py). Later ctxs, which the reader did not
+see, keep their old score as 'retriever_score'.
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ def main(argv: list[str] | None = None) -> None:
     if opt.model_path == "none":
         raise SystemExit("test_reader.py: --model_path is required (a reader checkpoint directory)")
 
-    tokenizer = load_tokenizer(tokenizer_source(opt, opt.model_path))
-    model = FiDT5.load(opt.model_path, logger=logger).to(opt.device)
     examples = load_questions(opt.eval_data, opt.maxload)
     dataset = ReaderDataset(examples, opt.n_context, opt.no_title, source=opt.eval_data)
+    tokenizer = load_tokenizer(tokenizer_source(opt, opt.model_path))
+    model = FiDT5.load(opt.model_path, logger=logger).to(opt.device)
     collator = ReaderCollator(tokenizer, opt.text_maxlength, opt.n_context)
     logger.info("evaluating %s: %d examples, %d processes", opt.eval_data, len(examples), opt.world_size)
 
@@ -63,6 +64,11 @@ def main(argv: list[str] | None = None) -> None:
                 ctxs = examples[r["index"]].get("ctxs") or []
                 for ctx, score in zip(ctxs, r["scores"]):
                     ctx["score"] = score
+                # ctxs the reader did not see keep their retriever score under another name,
+                # so that `score` is the reader's everywhere (train_retriever.py's gold).
+                for ctx in ctxs[len(r["scores"]) :]:
+                    if "score" in ctx:
+                        ctx["retriever_score"] = ctx.pop("score")
             write_questions(run_dir / "dataset_wscores.json", examples)
             logger.info("cross-attention scores written to %s", run_dir / "dataset_wscores.json")
     dist.barrier()

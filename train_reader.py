@@ -15,9 +15,9 @@ from src import checkpoint, dist
 from src.data import ReaderCollator, ReaderDataset, load_questions, require_targets
 from src.model import FiDT5
 from src.options import Options, save_options
-from src.reader import exact_match, generate_answers, load_tokenizer, reader_loss, set_dropout, tokenizer_source
+from src.reader import exact_match, generate_answers, load_tokenizer, reader_loss, tokenizer_source
 from src.trainer import train
-from src.util import cli, count_params, init_logger, set_optim, set_seed
+from src.util import cli, count_params, init_logger, set_dropout, set_optim, set_seed
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -32,14 +32,14 @@ def main(argv: list[str] | None = None) -> None:
     if opt.is_main:
         save_options(opt, run_dir)
 
-    # Which weights: --model_path (fresh optimizer) > resume from latest > --model_name_or_path.
-    resume_dir = checkpoint.latest(run_dir)
-    if opt.model_path != "none":
-        model_dir, resume_dir = opt.model_path, None
-    elif resume_dir is not None:
-        model_dir = str(resume_dir)
-    else:
-        model_dir = opt.model_name_or_path or f"t5-{opt.model_size}"
+    # Data first: a bad file should fail before a large model loads.
+    train_examples = load_questions(opt.train_data, opt.maxload)
+    require_targets(train_examples, opt.train_data)
+    train_dataset = ReaderDataset(train_examples, opt.n_context, opt.no_title, seed=opt.seed, source=opt.train_data)
+    eval_examples = load_questions(opt.eval_data, opt.maxload) if opt.eval_data != "none" else []
+    eval_dataset = ReaderDataset(eval_examples, opt.n_context, opt.no_title, source=opt.eval_data)
+
+    model_dir, resume_dir = checkpoint.start_point(opt, run_dir, default_model=f"t5-{opt.model_size}")
     logger.info("model weights from %s%s", model_dir, " (resuming)" if resume_dir else "")
     tokenizer = load_tokenizer(tokenizer_source(opt, model_dir))
     model = FiDT5.load(model_dir, logger=logger)
@@ -54,11 +54,6 @@ def main(argv: list[str] | None = None) -> None:
         state = checkpoint.load_training_state(resume_dir, optimizer, scheduler)
         logger.info("resumed at step %d (best dev EM %s)", state["step"], state["best_metric"])
 
-    train_examples = load_questions(opt.train_data, opt.maxload)
-    require_targets(train_examples, opt.train_data)
-    train_dataset = ReaderDataset(train_examples, opt.n_context, opt.no_title, seed=opt.seed, source=opt.train_data)
-    eval_examples = load_questions(opt.eval_data, opt.maxload) if opt.eval_data != "none" else []
-    eval_dataset = ReaderDataset(eval_examples, opt.n_context, opt.no_title, source=opt.eval_data)
     # Evaluation sees no target (it generates), so the label length is irrelevant there.
     collator = ReaderCollator(tokenizer, opt.text_maxlength, opt.n_context, opt.answer_maxlength)
     logger.info("%d training examples, %d dev examples", len(train_dataset), len(eval_dataset))

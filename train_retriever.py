@@ -27,19 +27,9 @@ from src.evaluation import per_question_ranking_metrics
 from src.model import Retriever, distillation_loss
 from src.options import Options, save_options
 from src.trainer import train
-from src.util import autocast, cli, count_params, init_logger, set_optim, set_seed
+from src.util import autocast, cli, count_params, init_logger, set_dropout, set_optim, set_seed
 
 RANKING_KS = (1, 2, 5)
-
-
-def set_dropout(retriever: Retriever, p: float) -> None:
-    """--dropout for every dropout layer of the encoder (and its config, so checkpoints record it)."""
-    for module in retriever.modules():
-        if isinstance(module, torch.nn.Dropout):
-            module.p = p
-    for key in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout"):
-        if hasattr(retriever.config.encoder, key):
-            setattr(retriever.config.encoder, key, p)
 
 
 def to_device(batch, device: torch.device):
@@ -104,14 +94,13 @@ def main(argv: list[str] | None = None) -> None:
     if opt.is_main:
         save_options(opt, run_dir)
 
-    # Which weights: --model_path (fresh optimizer) > resume from latest > --model_name_or_path.
-    resume_dir = checkpoint.latest(run_dir)
-    if opt.model_path != "none":
-        model_dir, resume_dir = opt.model_path, None
-    elif resume_dir is not None:
-        model_dir = str(resume_dir)
-    else:
-        model_dir = opt.model_name_or_path or "bert-base-uncased"
+    # Data first: a bad file should fail before a large model loads.
+    train_examples = load_questions(opt.train_data, opt.maxload)
+    train_dataset = RetrieverDataset(train_examples, opt.n_context, opt.no_title, source=opt.train_data)
+    eval_examples = load_questions(opt.eval_data, opt.maxload) if opt.eval_data != "none" else []
+    eval_dataset = RetrieverDataset(eval_examples, opt.n_context, opt.no_title, source=opt.eval_data)
+
+    model_dir, resume_dir = checkpoint.start_point(opt, run_dir, default_model="bert-base-uncased")
     logger.info("retriever weights from %s%s", model_dir, " (resuming)" if resume_dir else "")
     retriever, tokenizer = Retriever.load(opt, model_dir, logger)
     set_dropout(retriever, opt.dropout)
@@ -124,10 +113,6 @@ def main(argv: list[str] | None = None) -> None:
         state = checkpoint.load_training_state(resume_dir, optimizer, scheduler)
         logger.info("resumed at step %d (best dev loss %s)", state["step"], state["best_metric"])
 
-    train_examples = load_questions(opt.train_data, opt.maxload)
-    train_dataset = RetrieverDataset(train_examples, opt.n_context, opt.no_title, source=opt.train_data)
-    eval_examples = load_questions(opt.eval_data, opt.maxload) if opt.eval_data != "none" else []
-    eval_dataset = RetrieverDataset(eval_examples, opt.n_context, opt.no_title, source=opt.eval_data)
     collator = RetrieverCollator(
         tokenizer,
         opt.n_context,

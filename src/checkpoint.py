@@ -110,6 +110,7 @@ def save(
         "best_metric": None if state.get("best_metric") is None else float(state["best_metric"]),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "scaler": state.get("scaler"),  # fp16 GradScaler
         "rng": rngs,
         "options": options_dict(opt),
     }
@@ -143,4 +144,35 @@ def load_training_state(ckpt_dir: str | Path, optimizer=None, scheduler=None) ->
     rank = dist.get_rank()
     if rank < len(rngs):
         _set_rng_state(rngs[rank])
-    return {"step": payload["step"], "best_metric": payload["best_metric"], "options": payload["options"]}
+    return {
+        "step": payload["step"],
+        "best_metric": payload["best_metric"],
+        "scaler": payload.get("scaler"),
+        "options": payload["options"],
+    }
+
+
+def start_point(opt, run_dir: str | Path, default_model: str) -> tuple[str, Path | None]:
+    """(weights to load, checkpoint to resume or None) for a training run (SPEC §8).
+
+    A run directory holding `latest` resumes it, unless `--model_path` names other weights
+    than the run started from: then those win, with a fresh optimizer (and a warning, since
+    the run's checkpoints will be overwritten). Rerunning the same command, e.g. after a
+    SLURM requeue, therefore always resumes. A fresh run starts from `--model_path`, else
+    `--model_name_or_path`, else `default_model`.
+    """
+    resume = latest(run_dir)
+    if resume is not None:
+        started_from = json.loads((resume / "options.json").read_text()).get("model_path", "none")
+        if opt.model_path in ("none", started_from):
+            return str(resume), resume
+        logger.warning(
+            "%s holds a run started from %s; --model_path %s starts over from those weights and "
+            "overwrites its checkpoints",
+            run_dir,
+            started_from,
+            opt.model_path,
+        )
+    if opt.model_path != "none":
+        return opt.model_path, None
+    return opt.model_name_or_path or default_model, None

@@ -20,6 +20,8 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 from transformers.models.t5.modeling_t5 import T5Attention, T5LayerNorm
 
+from .util import check_model_path
+
 # ---------------------------------------------------------------------------
 # Reader: FiDT5
 # ---------------------------------------------------------------------------
@@ -298,6 +300,7 @@ class FiDT5(transformers.T5ForConditionalGeneration):
         keys under `encoder.encoder.` with `.module.` in the block keys). Logs which kind
         it was and whether the legacy cross-attention bias is on."""
         log = logger or logging.getLogger("fid")
+        check_model_path(path, "reader")
         local = Path(path)
         keys = None
         if local.is_dir():
@@ -307,6 +310,9 @@ class FiDT5(transformers.T5ForConditionalGeneration):
             if original is not None:
                 return cls._from_original_fid(local, original, log)
             keys = _checkpoint_keys(local)
+        # Train and keep weights in float32 whatever dtype they were saved in (bf16/fp16 come
+        # from autocast, --precision); transformers 5 would otherwise keep the saved dtype.
+        from_pretrained_kwargs.setdefault("dtype", torch.float32)
         model = cls.from_pretrained(str(path), **from_pretrained_kwargs)
         if model.has_legacy_xattn_bias:
             if keys is not None and LEGACY_XATTN_BIAS_KEY not in keys:
@@ -695,6 +701,7 @@ class Retriever(transformers.PreTrainedModel):
             else:
                 model_dir = getattr(opt, "model_name_or_path", None) or "bert-base-uncased"
         model_dir = str(model_dir)
+        check_model_path(model_dir, "retriever")
         if is_saved_retriever(model_dir):
             retriever = cls.from_pretrained(model_dir, dtype=torch.float32)
             _warn_if_options_differ(retriever.config, opt, model_dir, log)

@@ -47,15 +47,6 @@ def load_tokenizer(source: str):
     return AutoTokenizer.from_pretrained(source)
 
 
-def set_dropout(model: torch.nn.Module, p: float) -> None:
-    """--dropout for every dropout layer (and the config, so checkpoints record it)."""
-    for m in model.modules():
-        if isinstance(m, torch.nn.Dropout):
-            m.p = p
-    if hasattr(model.config, "dropout_rate"):
-        model.config.dropout_rate = p
-
-
 def reader_loss(model, batch) -> torch.Tensor:
     """Teacher-forced token cross-entropy of one collated batch."""
     _, labels, _, context_ids, context_mask = batch

@@ -86,6 +86,8 @@ def train(
         model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
     use_scaler = opt.precision == "fp16" and opt.device.type == "cuda"
     scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
+    if use_scaler and state.get("scaler"):
+        scaler.load_state_dict(state["scaler"])
 
     tb = None
     if opt.is_main:
@@ -94,13 +96,13 @@ def train(
         tb = SummaryWriter(log_dir=str(run_dir))
 
     def save(name: str) -> None:
-        checkpoint.save(
-            run_dir, name, base_model, tokenizer, optimizer, scheduler, opt, {"step": step, "best_metric": best}
-        )
+        state = {"step": step, "best_metric": best, "scaler": scaler.state_dict() if use_scaler else None}
+        checkpoint.save(run_dir, name, base_model, tokenizer, optimizer, scheduler, opt, state)
 
     check_preemption = "SLURM_JOB_ID" in os.environ
     accumulation = max(1, opt.accumulation_steps)
     running_loss, running_count = 0.0, 0
+    need_latest = pending_step_save = False
     t0 = time.time()
     model.train()
     bar = tqdm(total=opt.total_steps, initial=step, desc="train", disable=not opt.is_main, dynamic_ncols=True)
@@ -129,7 +131,6 @@ def train(
         )
         for batch in loader:
             step += 1
-            need_latest = False
             sync = step % accumulation == 0 or step == opt.total_steps
             no_sync = model.no_sync() if opt.is_distributed and not sync else contextlib.nullcontext()
             with no_sync:
@@ -172,12 +173,16 @@ def train(
                     tb.flush()
                 t0 = time.time()
             if step % opt.save_freq == 0:
+                pending_step_save = True
+            # Saves wait for the end of an accumulation cycle: the gradients accumulated so
+            # far are not saved, so a resume from mid-cycle would differ from a straight run.
+            if sync and pending_step_save:
                 save(f"step-{step}")
-                need_latest = True
-            if need_latest:
+                pending_step_save, need_latest = False, True
+            if sync and need_latest:
                 save("latest")
                 need_latest = False
-            if check_preemption and dist.any_over_ranks(dist.PREEMPTED["flag"]):
+            if check_preemption and sync and dist.any_over_ranks(dist.PREEMPTED["flag"]):
                 save("latest")
                 if opt.is_main:
                     dist.requeue_slurm_job()

@@ -118,17 +118,46 @@ def autocast(opt) -> contextlib.AbstractContextManager:
     return torch.autocast(device_type=device_type, dtype=dtype)
 
 
+def check_model_path(path: str | Path, what: str = "model") -> None:
+    """A path that is clearly local (./x, ../x, /x, a/b/c) must exist; hub names (t5-base,
+    org/name) go to transformers. Without this a typo reads as a failed hub download."""
+    text = str(path)
+    local = (
+        text.startswith((".", "/", "~"))
+        or text.count("/") > 1  # hub names are "name" or "org/name"
+        or ("/" in text and os.path.isdir(text.split("/")[0]))  # an existing local parent
+    )
+    if local and not os.path.exists(os.path.expanduser(text)):
+        raise FileNotFoundError(f"{what} {text}: no such directory")
+
+
+def set_dropout(model, p: float) -> None:
+    """--dropout for every dropout layer, and in the config so that checkpoints record it."""
+    import torch
+
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = p
+    for config in (model.config, getattr(model.config, "encoder", None)):
+        for key in ("dropout_rate", "hidden_dropout_prob", "attention_probs_dropout_prob"):
+            if config is not None and hasattr(config, key):
+                setattr(config, key, p)
+
+
 def count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
 def cli(main) -> None:
-    """Run a script's main; a bad input ends with its message (file, example, what is wrong), exit 2."""
+    """Run a script's main. A bad input (file, model path, option value) ends with one line
+    naming what is wrong and exit code 2, not a traceback; FID_DEBUG=1 shows the traceback."""
     from .data import DataError
 
     try:
         main()
-    except (DataError, FileNotFoundError, UnicodeDecodeError) as e:
+    except (DataError, OSError, UnicodeDecodeError, ValueError) as e:
+        if os.environ.get("FID_DEBUG"):
+            raise
         logger.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

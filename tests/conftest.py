@@ -17,6 +17,7 @@ PARITY = ROOT / "tests" / "data" / "parity"
 def parity_dir() -> Path:
     return PARITY
 
+
 # Tiny models gain nothing from intra-op threads, and on a 2-core machine that also runs
 # torchrun subprocesses, oversubscription makes them many times slower.
 import torch  # noqa: E402

@@ -29,6 +29,7 @@ def toy_examples(n: int, seed: int) -> list[dict]:
             {"id": f"{i}b", "title": other, "text": f"{other} likes the color {other_color} .", "score": 1.0},
         ]
         rng.shuffle(ctxs)
+        ctxs.append({"id": f"{i}c", "title": other, "text": f"{other} is here .", "score": 0.5})
         out.append({"id": f"q{i}", "question": f"what color does {name} like ?", "answers": [color], "ctxs": ctxs})
     return out
 
@@ -74,6 +75,15 @@ def test_train_then_test_single_and_two_processes(setup):
     opts = json.loads((root / "runs" / "train" / "options.json").read_text())
     assert opts["total_steps"] == 6 and opts["n_context"] == 2
 
+    # The same training with DDP on 2 processes (gloo): each rank its half of every epoch.
+    run_script("train_reader.py", [
+        "--train_data", str(root / "train.json"), "--eval_data", str(root / "dev.json"),
+        "--model_name_or_path", str(model_dir), "--checkpoint_dir", str(root / "runs"), "--name", "train2",
+        "--total_steps", "4", "--eval_freq", "2", "--save_freq", "4", "--lr", "1e-3", *COMMON,
+    ], nproc=2)  # fmt: skip
+    assert {"latest", "best_dev", "step-4"} <= {p.name for p in (root / "runs" / "train2" / "checkpoint").iterdir()}
+    assert "step 4/4" in (root / "runs" / "train2" / "run.log").read_text()
+
     outputs = {}
     for nproc in (1, 2):
         name = f"test{nproc}"
@@ -88,11 +98,13 @@ def test_train_then_test_single_and_two_processes(setup):
         outputs[nproc] = (lines, scored)
         assert [line.split("\t")[0] for line in lines] == [f"q{i}" for i in range(6)]  # each example once
         assert [ex["id"] for ex in scored] == [f"q{i}" for i in range(6)]
-        assert all(isinstance(c["score"], float) for ex in scored for c in ex["ctxs"])
+        assert all(isinstance(c["score"], float) for ex in scored for c in ex["ctxs"][:2])
+        # the third ctx was not read (--n_context 2): its retriever score is kept apart
+        assert all("score" not in ex["ctxs"][2] and ex["ctxs"][2]["retriever_score"] == 0.5 for ex in scored)
         assert "EM " in (run_dir / "run.log").read_text()
     assert outputs[1][0] == outputs[2][0]
     for a, b in zip(outputs[1][1], outputs[2][1]):
-        assert [c["score"] for c in a["ctxs"]] == pytest.approx([c["score"] for c in b["ctxs"]], abs=1e-5)
+        assert [c["score"] for c in a["ctxs"][:2]] == pytest.approx([c["score"] for c in b["ctxs"][:2]], abs=1e-5)
 
 
 @pytest.mark.slow

@@ -102,18 +102,25 @@ def run(tmp_path, name, total_steps, losses, tokenizer, kill_at=None):
                  tokenizer, state, "loss", False, logger)  # fmt: skip
 
 
-def test_resume_gives_the_same_losses(tmp_path):
-    """Interrupted at step 6 (a save point) and resumed = uninterrupted, loss for loss (dropout on)."""
+@pytest.mark.parametrize("kill_at, saved_at", [(7, 6), (5, 4)])
+def test_resume_gives_the_same_losses(tmp_path, kill_at, saved_at):
+    """Killed, then resumed from `latest` = uninterrupted, loss for loss (dropout on).
+
+    Evaluation every 3 steps with accumulation 2: the evaluation at step 3 falls inside an
+    accumulation cycle, so its save waits for step 4 (saving at 3 would lose a gradient).
+    """
     tokenizer = build_word_tokenizer(WORDS, "t5")
     straight: list[float] = []
     run(tmp_path, "straight", 9, straight, tokenizer)
     first: list[float] = []
     with pytest.raises(Killed):
-        run(tmp_path, "resumed", 9, first, tokenizer, kill_at=7)  # latest was saved at step 6
+        run(tmp_path, "resumed", 9, first, tokenizer, kill_at=kill_at)
+    latest = checkpoint.latest(tmp_path / "resumed")
+    assert checkpoint.load_training_state(latest)["step"] == saved_at
     second: list[float] = []
     final = run(tmp_path, "resumed", 9, second, tokenizer)
-    assert len(straight) == 9 and len(first) == 7 and len(second) == 3
-    first = first[:6]
+    assert len(straight) == 9 and len(first) == kill_at and len(second) == 9 - saved_at
+    first = first[:saved_at]
     assert first + second == straight
     assert final["step"] == 9
     root = checkpoint.checkpoint_root(tmp_path / "resumed")
@@ -132,3 +139,17 @@ def test_interrupted_swap_leaves_a_loadable_checkpoint(tmp_path):
     found = checkpoint.latest(tmp_path / "r")
     assert found == root / "latest.old"
     assert checkpoint.load_training_state(found)["step"] == 3
+
+
+def test_start_point_resumes_unless_model_path_changes(tmp_path):
+    tokenizer = build_word_tokenizer(WORDS, "t5")
+    run(tmp_path, "r", 3, [], tokenizer)
+    latest = checkpoint.latest(tmp_path / "r")
+    opt = make_opt(tmp_path, "--model_name_or_path", "t5-small")
+    assert checkpoint.start_point(opt, tmp_path / "r", "t5-base") == (str(latest), latest)
+    assert checkpoint.start_point(opt, tmp_path / "fresh", "t5-base") == ("t5-small", None)
+    opt.model_path = "some/other/reader"  # not what the run started from: a fresh start
+    assert checkpoint.start_point(opt, tmp_path / "r", "t5-base") == ("some/other/reader", None)
+    opt.model_path = "none"
+    opt.model_name_or_path = None
+    assert checkpoint.start_point(opt, tmp_path / "fresh", "t5-base") == ("t5-base", None)
