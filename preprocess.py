@@ -340,12 +340,8 @@ class PassageLookup:
 
 
 def save(path: Path, examples: Iterable[dict]) -> int:
-    """Write atomically; returns the number of questions. JSON lines stream; a JSON list is
-    built in memory first (write_questions dumps a list), so every error comes before writing."""
-    if path.suffix != ".jsonl":
-        examples = list(examples)
-        write_questions(path, examples)
-        return len(examples)
+    """Write atomically, streaming (one question in memory at a time); returns the number of
+    questions. An error half way leaves no output: write_questions writes a temporary file."""
     n = 0
 
     def counting() -> Iterator[dict]:

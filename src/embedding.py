@@ -19,13 +19,14 @@ import contextlib
 import logging
 import os
 import pickle
-import tempfile
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .util import atomic_write
 
 logger = logging.getLogger("fid.embedding")  # a child of the scripts' "fid" logger
 
@@ -122,12 +123,6 @@ def pools_over_padding(model, side: str) -> bool:
     return getattr(model.config, f"apply_{side}_mask", True) is False
 
 
-def _default_file_mode() -> int:
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
-
-
 def shard_path(output_path: str | os.PathLike, shard_id: int) -> Path:
     """`<output_path>_<shard_id:02d>.npz`: `--output_path wikipedia_embeddings/wiki` gives
     wiki_00.npz, wiki_01.npz, ... which the glob `"wikipedia_embeddings/wiki_*"` finds."""
@@ -149,19 +144,8 @@ def write_shard(path: str | os.PathLike, ids: list[str], embeddings: np.ndarray)
     path = Path(path)
     if len(ids) != len(embeddings):
         raise ValueError(f"{len(ids)} ids for {len(embeddings)} embeddings")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, _default_file_mode())  # mkstemp makes 0600; shards are usually shared
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, ids=np.asarray(ids, dtype=str), embeddings=np.asarray(embeddings, dtype=np.float32))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, "wb") as f:
+        np.savez(f, ids=np.asarray(ids, dtype=str), embeddings=np.asarray(embeddings, dtype=np.float32))
 
 
 def read_shard(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[np.ndarray, np.ndarray]:

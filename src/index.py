@@ -20,6 +20,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from .util import atomic_write
+
 logger = logging.getLogger("fid.index")  # a child of the scripts' "fid" logger
 
 INDEX_FILE, IDS_FILE, META_FILE = "index.faiss", "index_ids.npy", "index_meta.json"
@@ -128,16 +130,13 @@ class Indexer:
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         logger.info("saving %s index (%d vectors) to %s", self.kind, len(self), directory)
-        tmp = directory / f".{INDEX_FILE}.tmp"
-        faiss.write_index(self.index, str(tmp))
-        os.replace(tmp, directory / INDEX_FILE)
-        tmp = directory / f".{IDS_FILE}.tmp"
-        with open(tmp, "wb") as f:
+        (directory / META_FILE).unlink(missing_ok=True)  # until it is back, the save is incomplete
+        with atomic_write(directory / INDEX_FILE, "wb") as f:
+            faiss.write_index(self.index, faiss.PyCallbackIOWriter(f.write))
+        with atomic_write(directory / IDS_FILE, "wb") as f:
             np.save(f, self.ids, allow_pickle=False)
-        os.replace(tmp, directory / IDS_FILE)
-        tmp = directory / f".{META_FILE}.tmp"
-        tmp.write_text(json.dumps({**self.config, "ntotal": len(self), "extra": extra or {}}, indent=1))
-        os.replace(tmp, directory / META_FILE)  # written last: its presence marks a complete save
+        with atomic_write(directory / META_FILE) as f:  # written last: its presence marks a complete save
+            json.dump({**self.config, "ntotal": len(self), "extra": extra or {}}, f, indent=1)
 
     @staticmethod
     def exists(directory: str | os.PathLike) -> bool:

@@ -18,11 +18,12 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+
+from .util import atomic_write
 
 logger = logging.getLogger("fid.passages")  # a child of the scripts' "fid" logger
 
@@ -64,13 +65,6 @@ def _opens_quote(line: bytes) -> bool:
     if not (line.startswith(b'"') or b'\t"' in line):
         return False
     return line.count(b'"') % 2 == 1
-
-
-def _default_file_mode() -> int:
-    """rw for whoever the umask allows, as open() would give a new file."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return 0o666 & ~umask
 
 
 def _default_cache_dir() -> Path:
@@ -147,24 +141,13 @@ class PassageStore:
     def _save_index(self, index: dict, cache_dir) -> None:
         for cache_path in self._cache_candidates(cache_dir):
             try:
-                cache_path.parent.mkdir(parents=True, exist_ok=True)
-                fd, tmp = tempfile.mkstemp(dir=cache_path.parent, prefix=cache_path.name, suffix=".tmp")
-            except OSError:
-                continue  # read-only directory: try the next location
-            try:
-                os.fchmod(fd, _default_file_mode())  # mkstemp makes 0600; others may share the corpus
-                with os.fdopen(fd, "wb") as f:
+                with atomic_write(cache_path, "wb") as f:
                     arrays = {k: v for k, v in index.items() if k != "meta"}
                     np.savez(f, meta=np.array(json.dumps(index["meta"])), **arrays)
-                    f.flush()
-                    os.fsync(f.fileno())
-                os.replace(tmp, cache_path)
                 logger.info("passages: wrote index %s", cache_path)
                 return
-            except OSError as e:
+            except OSError as e:  # read-only directory: try the next location
                 logger.warning("passages: could not write index %s (%s)", cache_path, e)
-                if os.path.exists(tmp):
-                    os.unlink(tmp)
         logger.warning("passages: index not cached; it will be rebuilt next time")
 
     def _build_index(self) -> dict:

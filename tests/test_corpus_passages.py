@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from src import passages as passages_module
 from src.passages import PassageFileError, PassageStore
 
 DATA = Path(__file__).parent / "data" / "corpus"
@@ -152,14 +151,16 @@ def test_stale_cache_is_rebuilt(dpr_file):
 def test_read_only_directory_falls_back_to_user_cache(dpr_file, tmp_path, monkeypatch):
     user_cache = tmp_path / "user_cache"
     monkeypatch.setenv("XDG_CACHE_HOME", str(user_cache))
-    real_mkstemp = passages_module.tempfile.mkstemp
+    import tempfile
+
+    real_mkstemp = tempfile.mkstemp
 
     def mkstemp(dir=None, **kw):  # the file's directory refuses writes (root ignores chmod)
         if Path(dir) == dpr_file.parent:
             raise PermissionError(13, "read-only", str(dir))
         return real_mkstemp(dir=dir, **kw)
 
-    monkeypatch.setattr(passages_module.tempfile, "mkstemp", mkstemp)
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)  # util.atomic_write makes the temp file
     store = PassageStore(dpr_file, show_progress=False)
     assert not dpr_file.with_name(dpr_file.name + ".idx.npz").exists()
     cached = list((user_cache / "fid" / "passages").glob("psgs.tsv.*.idx.npz"))
