@@ -300,7 +300,7 @@ class PassageStore:
         shown = "; ".join(f"line {line}: {reason}" for line, reason in self.bad_rows[:5])
         message = f"{self.path}: {n_bad} row(s) do not parse ({shown}{'; ...' if n_bad > 5 else ''})"
         if self.strict:
-            raise PassageFileError(message + " — fix the file or pass strict=False to skip them")
+            raise PassageFileError(message + " — fix these rows (PassageStore(path, strict=False) skips them)")
         logger.warning("%s — skipped", message)
 
     # ---- lookups ----------------------------------------------------------
