@@ -13,14 +13,12 @@ see, keep their old score as 'retriever_score'.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from src import dist
 from src.data import ReaderCollator, ReaderDataset, load_questions, write_questions
 from src.model import FiDT5
-from src.options import Options, save_options
+from src.options import Options
 from src.reader import exact_match, generate_answers, load_tokenizer, tokenizer_source
-from src.util import atomic_write, cli, init_logger, set_seed
+from src.util import atomic_write, cli
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -28,12 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     options.add_reader_options()
     options.add_eval_options()
     opt = options.parse(argv)
-    dist.init_distributed(opt)
-    set_seed(opt.seed)
-    run_dir = Path(opt.checkpoint_dir) / opt.name
-    logger = init_logger(run_dir, opt.is_main)
-    if opt.is_main:
-        save_options(opt, run_dir)
+    run_dir, logger = dist.start_run(opt)
     if opt.model_path == "none":
         raise SystemExit("test_reader.py: --model_path is required (a reader checkpoint directory)")
 

@@ -9,15 +9,13 @@ already holds `checkpoint/latest` resumes from it.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from src import checkpoint, dist
 from src.data import ReaderCollator, ReaderDataset, load_questions, require_targets
 from src.model import FiDT5
-from src.options import Options, save_options
+from src.options import Options
 from src.reader import exact_match, generate_answers, load_tokenizer, reader_loss, tokenizer_source
 from src.trainer import train
-from src.util import cli, count_params, init_logger, set_dropout, set_optim, set_seed
+from src.util import cli, count_params, set_dropout, set_optim
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -25,12 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     options.add_reader_options()
     options.add_optim_options()
     opt = options.parse(argv)
-    dist.init_distributed(opt)
-    set_seed(opt.seed + opt.rank)
-    run_dir = Path(opt.checkpoint_dir) / opt.name
-    logger = init_logger(run_dir, opt.is_main)
-    if opt.is_main:
-        save_options(opt, run_dir)
+    run_dir, logger = dist.start_run(opt)
 
     # Data first: a bad file should fail before a large model loads.
     train_examples = load_questions(opt.train_data, opt.maxload)

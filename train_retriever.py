@@ -15,8 +15,6 @@ directories with the tokenizer, loadable by `generate_passage_embeddings.py
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -25,9 +23,9 @@ from src import checkpoint, dist
 from src.data import RetrieverCollator, RetrieverDataset, load_questions
 from src.evaluation import per_question_ranking_metrics
 from src.model import Retriever, distillation_loss
-from src.options import Options, save_options
+from src.options import Options
 from src.trainer import train
-from src.util import autocast, cli, count_params, init_logger, set_dropout, set_optim, set_seed
+from src.util import autocast, cli, count_params, set_dropout, set_optim
 
 RANKING_KS = (1, 2, 5)
 
@@ -87,12 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     options.add_retriever_options()
     options.add_optim_options()
     opt = options.parse(argv)
-    dist.init_distributed(opt)
-    set_seed(opt.seed + opt.rank)
-    run_dir = Path(opt.checkpoint_dir) / opt.name
-    logger = init_logger(run_dir, opt.is_main)
-    if opt.is_main:
-        save_options(opt, run_dir)
+    run_dir, logger = dist.start_run(opt)
 
     # Data first: a bad file should fail before a large model loads.
     train_examples = load_questions(opt.train_data, opt.maxload)

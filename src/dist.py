@@ -131,3 +131,21 @@ def gather_objects(obj: Any) -> list[Any]:
 def destroy() -> None:
     if is_distributed():
         dist.destroy_process_group()
+
+
+def start_run(opt):
+    """The start of every training/evaluation script: process group, seed (offset by rank so
+    ranks draw different dropout), run directory `checkpoint_dir/name`, logger (run.log on
+    rank 0), and the options saved as opt.log / options.json. Returns (run_dir, logger)."""
+    from pathlib import Path
+
+    from .options import save_options
+    from .util import init_logger, set_seed
+
+    init_distributed(opt)
+    set_seed(opt.seed + opt.rank)
+    run_dir = Path(opt.checkpoint_dir) / opt.name
+    log = init_logger(run_dir, opt.is_main)
+    if opt.is_main:
+        save_options(opt, run_dir)
+    return run_dir, log
