@@ -360,6 +360,7 @@ def ctxs_topk(questions: list[dict], ks=KS) -> dict[int, float]:
 def make_toy(opt, run_dir: Path) -> None:
     """Toy world, BM25 ctxs and tiny starting models, written into the run directory."""
     from src import toy
+    from src.data import write_questions
 
     data = run_dir / "data"
     data.mkdir(parents=True, exist_ok=True)
@@ -370,7 +371,7 @@ def make_toy(opt, run_dir: Path) -> None:
     toy.add_bm25_ctxs(world.dev + world.test, world.passages, opt.n_docs, bm25)
     toy.write_passages_tsv(data / "psgs_w100.tsv", world.passages)
     for name, questions in (("train", world.train), ("dev", world.dev), ("test", world.test)):
-        toy.write_questions_json(data / f"{name}.json", questions)
+        write_questions(data / f"{name}.json", questions)
     opt.train_data, opt.eval_data, opt.test_data = (str(data / f"{s}.json") for s in ("train", "dev", "test"))
     opt.passages = str(data / "psgs_w100.tsv")
     models = run_dir / "models"

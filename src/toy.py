@@ -260,18 +260,6 @@ def topk_accuracy(
     return {k: hits[k] / max(len(questions), 1) for k in ks}
 
 
-def ctxs_topk_accuracy(questions: list[dict], ks: Iterable[int] = (1, 5, 20)) -> dict[int, float]:
-    """Top-k accuracy read from the `hasanswer` flags of ranked ctxs (retrieval output files)."""
-    ks = sorted(ks)
-    hits = Counter()
-    for q in questions:
-        flags = [bool(c.get("hasanswer")) for c in q.get("ctxs", [])]
-        first = flags.index(True) if True in flags else None
-        for k in ks:
-            hits[k] += first is not None and first < k
-    return {k: hits[k] / max(len(questions), 1) for k in ks}
-
-
 # ---------------------------------------------------------------------------
 # Files on disk
 # ---------------------------------------------------------------------------
@@ -285,16 +273,6 @@ def write_passages_tsv(path: str | Path, passages: list[dict]) -> None:
         writer.writerow(["id", "text", "title"])
         for p in passages:
             writer.writerow([p["id"], p["text"], p["title"]])
-    tmp.replace(path)
-
-
-def write_questions_json(path: str | Path, questions: list[dict]) -> None:
-    import json
-
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(questions, f, indent=1)
     tmp.replace(path)
 
 

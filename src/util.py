@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import random
@@ -61,11 +60,6 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-
-
-def write_json_atomic(path: str | Path, obj: Any, indent: int | None = 1) -> None:
-    with atomic_write(path) as f:
-        json.dump(obj, f, indent=indent, ensure_ascii=False)
 
 
 # ---------------------------------------------------------------------------

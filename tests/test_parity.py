@@ -17,14 +17,6 @@ SCORE_TOL = 5e-5
 LOSS_TOL = 1e-4
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def expected(parity_dir):
     return json.loads((parity_dir / "expected.json").read_text())

@@ -18,15 +18,6 @@ VOCAB = 40
 EOS = 1
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny matmuls: one thread is ~50x faster than several fighting over shared cores."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_fid(seed: int = 0, **config_kw) -> FiDT5:
     torch.manual_seed(seed)
     return FiDT5(tiny_t5_config(VOCAB, **config_kw)).eval()

@@ -111,20 +111,18 @@ def test_train_then_test_single_and_two_processes(setup):
 def test_parity_checkpoint_through_test_reader(parity_dir, tmp_path):
     """The original FiD's own answers and scores, through our script (issue 5)."""
     expected = json.loads((parity_dir / "expected.json").read_text())
-    run_script("test_reader.py", [
+    parity_args = [
         "--model_path", str(parity_dir / "fid_checkpoint"), "--tokenizer_name_or_path", str(parity_dir / "tokenizer"),
         "--eval_data", str(parity_dir / "data.json"), "--n_context", "3", "--text_maxlength", "24",
-        "--generation_max_length", "20", "--per_gpu_batch_size", "6", "--checkpoint_dir", str(tmp_path),
-        "--name", "plain", "--write_results", "--device", "cpu",
-    ])  # fmt: skip
+        "--generation_max_length", "20", "--checkpoint_dir", str(tmp_path), "--device", "cpu",
+    ]  # fmt: skip
+    run_script("test_reader.py", [*parity_args, "--per_gpu_batch_size", "6", "--name", "plain", "--write_results"])
     lines = (tmp_path / "plain" / "final_output.txt").read_text().split("\n")[:-1]
     assert [line.split("\t", 1)[1] for line in lines] == expected["plain_path"]["answers"]
-    run_script("test_reader.py", [
-        "--model_path", str(parity_dir / "fid_checkpoint"), "--tokenizer_name_or_path", str(parity_dir / "tokenizer"),
-        "--eval_data", str(parity_dir / "data.json"), "--n_context", "3", "--text_maxlength", "24",
-        "--generation_max_length", "20", "--per_gpu_batch_size", "4", "--checkpoint_dir", str(tmp_path),
-        "--name", "scores", "--write_crossattention_scores", "--device", "cpu",
-    ])  # fmt: skip
+    run_script(
+        "test_reader.py",
+        [*parity_args, "--per_gpu_batch_size", "4", "--name", "scores", "--write_crossattention_scores"],
+    )
     scored = load_questions(tmp_path / "scores" / "dataset_wscores.json")
     for ex, want in zip(scored, expected["score_path"]["passage_scores"]):
         assert [c["score"] for c in ex["ctxs"]] == pytest.approx(want, abs=5e-5)
