@@ -89,6 +89,13 @@ def get_options(argv: list[str] | None = None) -> argparse.Namespace:
         default=None,
         help="passages per question in distillation (≤ --n_context, the ones the reader scored)",
     )
+    g.add_argument(
+        "--in_batch_negatives",
+        action="store_true",
+        default=None,
+        help="train_retriever.py --in_batch_negatives (toy default: on; real data: off, as the papers)",
+    )
+    g.add_argument("--no_in_batch_negatives", dest="in_batch_negatives", action="store_false")
     g.add_argument("--indexing_dimension", type=int, default=None, help="toy: 64, else 768")
     g.add_argument("--question_maxlength", type=int, default=None, help="toy: 16, else 40")
     g.add_argument("--passage_maxlength", type=int, default=None, help="toy: 32, else 200")
@@ -103,6 +110,8 @@ def get_options(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("give all of --train_data --eval_data --test_data --passages, or none (toy world)")
     if opt.no_title is None:
         opt.no_title = opt.toy
+    if opt.in_batch_negatives is None:
+        opt.in_batch_negatives = opt.toy
     if not opt.toy:
         opt.reader_model = opt.reader_model or "t5-base"
         opt.retriever_model = opt.retriever_model or "bert-base-uncased"
@@ -225,7 +234,7 @@ def train_retriever(run: Runner, opt, name: str, start: str, train: Path, dev: P
         "--scheduler", "linear", "--lr", str(opt.retriever_lr), "--optim", "adamw", "--weight_decay", "0.0",
         "--dropout", "0.0", "--eval_freq", str(max(opt.retriever_steps // 3, 1)),
         "--save_freq", str(opt.retriever_steps), "--eval_print_freq", "100000",
-    ] + retriever_flags(opt)  # fmt: skip
+    ] + (["--in_batch_negatives"] if opt.in_batch_negatives else []) + retriever_flags(opt)  # fmt: skip
     run(name.replace("/", "_"), "train_retriever.py", args)
     return run.run_dir / name / "checkpoint" / "best_dev"
 

@@ -42,6 +42,7 @@ def make_loss_fn(opt):
             *to_device(batch, opt.device),
             temperature_gold=opt.temperature_gold,
             temperature_score=opt.temperature_score,
+            in_batch_negatives=opt.in_batch_negatives,
         )
         return loss
 

@@ -778,27 +778,51 @@ class Retriever(transformers.PreTrainedModel):
         gold_scores: torch.Tensor | None = None,
         temperature_gold: float = 1.0,
         temperature_score: float = 1.0,
+        in_batch_negatives: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Scores (B, N) of each question's N passages, and the distillation loss when
         `gold_scores` (B, N) are given.
 
         question_ids/mask: (B, Lq); passage_ids/mask: (B, N, Lp). A passage whose mask
         is all zeros (fewer ctxs than N) gets score −inf: no weight in any softmax.
+        `in_batch_negatives`: the other questions' passages in the batch join each
+        question's softmax with gold probability 0 (see `distillation_loss`).
         """
         B, N, Lp = passage_ids.shape
         question = self.embed_questions(question_ids, question_mask)  # (B, d)
-        passages = self.embed_passages(passage_ids.reshape(B * N, Lp), passage_mask.reshape(B * N, Lp))
-        passages = passages.reshape(B, N, -1)  # (B, N, d)
-        scores = torch.einsum("bd,bnd->bn", question, passages).float() / math.sqrt(question.size(-1))
-        scores = scores.masked_fill(passage_mask.sum(-1) == 0, -math.inf)  # (B, N)
+        passages = self.embed_passages(passage_ids.reshape(B * N, Lp), passage_mask.reshape(B * N, Lp))  # (B·N, d)
+        # Every question against every passage of the batch; its own are the diagonal blocks.
+        all_scores = (question @ passages.T).float() / math.sqrt(question.size(-1))  # (B, B·N)
+        missing = passage_mask.reshape(B * N, Lp).sum(-1) == 0  # (B·N,)
+        all_scores = all_scores.masked_fill(missing, -math.inf)
+        own = torch.arange(B, device=all_scores.device)
+        scores = all_scores.view(B, B, N)[own, own]  # (B, N)
         loss = None
         if gold_scores is not None:
-            loss = distillation_loss(scores, gold_scores, temperature_gold, temperature_score)
+            negatives = None
+            if in_batch_negatives:
+                negatives = all_scores.masked_fill(_own_or_copy(passage_ids, passage_mask), -math.inf)
+            loss = distillation_loss(scores, gold_scores, temperature_gold, temperature_score, negatives)
         return scores, loss
 
 
+def _own_or_copy(passage_ids: torch.Tensor, passage_mask: torch.Tensor) -> torch.Tensor:
+    """(B, B·N) mask of the batch's passages that may not serve as question b's in-batch
+    negatives: its own, and copies of its own in other questions' lists (the same passage
+    retrieved for two questions is not a negative of either)."""
+    B, N, Lp = passage_ids.shape
+    flat = (passage_ids * passage_mask).reshape(B * N, Lp)
+    _, passage_class = torch.unique(flat, dim=0, return_inverse=True)  # (B·N,) equal text, equal class
+    own_class = passage_class.view(B, N)  # (B, N)
+    return (own_class.unsqueeze(-1) == passage_class.view(1, 1, B * N)).any(dim=1)  # (B, B·N)
+
+
 def distillation_loss(
-    scores: torch.Tensor, gold_scores: torch.Tensor, temperature_gold: float = 1.0, temperature_score: float = 1.0
+    scores: torch.Tensor,
+    gold_scores: torch.Tensor,
+    temperature_gold: float = 1.0,
+    temperature_score: float = 1.0,
+    negative_scores: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """KL(softmax(gold/T_gold) ‖ softmax(scores/T_score)) over each question's passages,
     averaged over questions (paper [2], eq. 3).
@@ -806,6 +830,11 @@ def distillation_loss(
     scores, gold_scores: (B, N). Entries that are −inf in either (missing passages)
     take no part. Note the original averaged over all B·N entries (KLDivLoss's "mean"),
     i.e. its loss is this one divided by N.
+
+    negative_scores: (B, M), optional. Scores of extra passages with gold probability 0
+    (in-batch negatives; −inf entries take no part): they join the student's softmax
+    only, so the KL pushes them down. Not in the papers, where a question's own ctxs are
+    all the retriever sees (an extension, `--in_batch_negatives`).
     """
     scores, gold_scores = scores.float(), gold_scores.float().to(scores.device)
     valid = torch.isfinite(gold_scores) & torch.isfinite(scores)  # (B, N)
@@ -813,7 +842,10 @@ def distillation_loss(
     # Fill with −inf before the softmax, then 0 in the log-probabilities, so that
     # 0·log 0 never turns into NaN in the forward or the backward pass.
     log_p = torch.log_softmax(torch.where(valid, gold_scores / temperature_gold, neg_inf), dim=-1)
-    log_q = torch.log_softmax(torch.where(valid, scores / temperature_score, neg_inf), dim=-1)
+    student = torch.where(valid, scores / temperature_score, neg_inf)  # (B, N)
+    if negative_scores is not None:
+        student = torch.cat([student, negative_scores.float() / temperature_score], dim=-1)  # (B, N + M)
+    log_q = torch.log_softmax(student, dim=-1)[:, : scores.size(-1)]  # (B, N)
     log_p, log_q = log_p.masked_fill(~valid, 0.0), log_q.masked_fill(~valid, 0.0)
     kl = (log_p.exp() * valid * (log_p - log_q)).sum(dim=-1)  # (B,)
     return kl.mean()

@@ -93,6 +93,12 @@ class Options:
         g.add_argument("--n_context", type=int, default=1, help="passages per question")
         g.add_argument("--temperature_gold", type=float, default=1.0, help="softmax temperature of gold scores")
         g.add_argument("--temperature_score", type=float, default=1.0, help="softmax temperature of predictions")
+        g.add_argument(
+            "--in_batch_negatives",
+            action="store_true",
+            help="training loss: the other questions' passages in the batch (same process) join each question's "
+            "softmax with gold probability 0 (not in the papers; the dev loss never uses them)",
+        )
 
     def add_optim_options(self) -> None:
         g = self.parser.add_argument_group("optimisation")
