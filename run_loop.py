@@ -18,8 +18,10 @@ Each step is the real script, run as a subprocess with the flags a user would ty
 Round r > 1 continues from round r−1's best reader and retriever checkpoints: the new
 reader reads the passages the distilled retriever found, and the retriever then learns
 the new reader's scores on those passages, its own earlier mistakes included. "Before
-distillation" in the report is always the random starting retriever. With no data arguments the toy world of `src/toy.py` is generated
-into the run directory, with BM25 as the first stage and tiny model directories.
+distillation" in the report is always the random starting retriever. With no data
+arguments the toy world of `src/toy.py` is generated into the run directory, with BM25
+as the first stage and tiny model directories, and the retriever trains with
+`--in_batch_negatives` (BM25's lists there hold only look-alike passages; see README).
 
 Writes `report.md` and `report.json` (one entry per round) in the run directory and
 prints its path on the last line. Tensorboard: `tensorboard --logdir <run dir>`.
@@ -128,7 +130,7 @@ def get_options(argv: list[str] | None = None) -> argparse.Namespace:
     if opt.quick:
         opt.toy_entities = min(opt.toy_entities, 80)
         opt.reader_steps, opt.reader_eval_freq = 40, 20
-        opt.retriever_steps = 20
+        opt.retriever_steps = 300
         opt.n_context = min(opt.n_context, 5)
     opt.retriever_n_context = min(opt.retriever_n_context or opt.n_context, opt.n_context)
     opt.n_docs = max(opt.n_docs or 0, 20, opt.n_context, opt.retriever_n_context)
@@ -508,7 +510,8 @@ def main(argv: list[str] | None = None) -> Path:
         f"# FiD loop: {opt.rounds} round(s)\n\n{table(rounds, first_stage_name)}\n"
         f"Round 1's reader reads the first stage's passages; round r > 1's reader and retriever continue from\n"
         f"round r−1's, and the reader reads the passages of round r−1's distilled retriever. Top-k: share of test questions with an\n"
-        f"answer-bearing passage (DPR hasanswer) in the top k over the whole corpus.\n\n"
+        f"answer-bearing passage (DPR hasanswer) in the top k over the whole corpus. Retriever loss: KL over each\n"
+        f"question's passages{' + in-batch negatives' if opt.in_batch_negatives else ''}.\n\n"
         f"Wall time {wall / 60:.1f} min, largest step peak RSS {peak_mb:.0f} MB, {os.cpu_count()} CPUs visible.\n"
         f"Commands: `commands.log`; tensorboard: `tensorboard --logdir {run_dir}`.\n"
     )

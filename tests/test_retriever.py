@@ -76,6 +76,47 @@ def test_kl_loss_ignores_missing_passages_and_has_finite_gradients():
     assert padded_scores.grad[0, 3:].abs().sum() == 0  # missing passages get no gradient
 
 
+def test_kl_loss_with_in_batch_negatives_by_hand():
+    # p = [1/2, 1/2] over the own passages; one negative with the same score joins the
+    # student's softmax only: q = [1/3, 1/3] (+ 1/3 on the negative) → KL = ln(3/2).
+    scores, gold = torch.zeros(1, 2), torch.zeros(1, 2)
+    assert distillation_loss(scores, gold).item() == pytest.approx(0.0, abs=1e-7)
+    negatives = torch.zeros(1, 1)
+    assert distillation_loss(scores, gold, negative_scores=negatives).item() == pytest.approx(math.log(1.5), abs=1e-6)
+    # −inf negatives take no part; a temperature divides the negatives' scores as well.
+    minus_inf = torch.tensor([[-math.inf, -math.inf]])
+    assert distillation_loss(scores, gold, negative_scores=minus_inf).item() == pytest.approx(0.0, abs=1e-7)
+    t = distillation_loss(2 * scores, gold, 1.0, 2.0, negative_scores=2 * negatives)
+    assert t.item() == pytest.approx(math.log(1.5), abs=1e-6)
+    # The gradient pushes the negative down (a positive gradient on its score).
+    negatives = torch.zeros(1, 1, requires_grad=True)
+    distillation_loss(scores, gold, negative_scores=negatives).backward()
+    assert negatives.grad.item() == pytest.approx(1 / 3, abs=1e-6)
+
+
+def test_in_batch_negatives_are_the_other_questions_passages_except_copies(bert_dir, tokenizer):
+    torch.manual_seed(0)
+    retriever = Retriever.from_encoder(bert_dir, indexing_dimension=8).eval()
+    q_ids, q_mask = encode(tokenizer, ["question: where do cats sleep", "question: capital of france"])
+    # Question 0 has passages (cats, dogs), question 1 (dogs, paris): "dogs" is in both lists.
+    p_ids, p_mask = encode(tokenizer, [TEXTS[1], TEXTS[2], TEXTS[2], TEXTS[3]])
+    p_ids, p_mask = p_ids.view(2, 2, -1), p_mask.view(2, 2, -1)
+    gold = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
+    with torch.no_grad():
+        scores, plain = retriever(q_ids, q_mask, p_ids, p_mask, gold)
+        scores_ib, loss = retriever(q_ids, q_mask, p_ids, p_mask, gold, in_batch_negatives=True)
+        e_q = retriever.embed_questions(q_ids, q_mask)  # (2, 8)
+        e_p = retriever.embed_passages(p_ids.view(4, -1), p_mask.view(4, -1))  # (4, 8)
+    assert torch.equal(scores, scores_ib)  # the scores returned are each question's own
+    all_scores = e_q @ e_p.T / math.sqrt(8)  # (2, 4): cats, dogs, dogs, paris
+    # Question 0's only negative is paris (dogs is its own); question 1's is cats.
+    neg = torch.tensor([[-math.inf, -math.inf, -math.inf, all_scores[0, 3]], [all_scores[1, 0]] + [-math.inf] * 3])
+    assert loss.item() == pytest.approx(distillation_loss(scores, gold, negative_scores=neg).item(), abs=1e-5)
+    assert loss.item() > plain.item()  # a negative only ever adds probability mass to take away
+    # The dev loss (no flag) is the papers' KL over own passages only.
+    assert plain.item() == pytest.approx(distillation_loss(scores, gold).item(), abs=1e-6)
+
+
 def test_forward_scores_are_scaled_inner_products_and_loss_matches(bert_dir, tokenizer):
     torch.manual_seed(0)
     retriever = Retriever.from_encoder(bert_dir, indexing_dimension=8).eval()
