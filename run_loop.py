@@ -95,9 +95,14 @@ def get_options(argv: list[str] | None = None) -> argparse.Namespace:
         "--in_batch_negatives",
         action="store_true",
         default=None,
-        help="train_retriever.py --in_batch_negatives (toy default: on; real data: off, as the papers)",
+        help="pass train_retriever.py --in_batch_negatives (default: on for the toy world, off for real data)",
     )
-    g.add_argument("--no_in_batch_negatives", dest="in_batch_negatives", action="store_false")
+    g.add_argument(
+        "--no_in_batch_negatives",
+        dest="in_batch_negatives",
+        action="store_false",
+        help="the papers' loss only, also on the toy world",
+    )
     g.add_argument("--indexing_dimension", type=int, default=None, help="toy: 64, else 768")
     g.add_argument("--question_maxlength", type=int, default=None, help="toy: 16, else 40")
     g.add_argument("--passage_maxlength", type=int, default=None, help="toy: 32, else 200")
