@@ -101,6 +101,7 @@ def get_options(argv: list[str] | None = None) -> argparse.Namespace:
         "--no_in_batch_negatives",
         dest="in_batch_negatives",
         action="store_false",
+        default=argparse.SUPPRESS,  # the dest's default is --in_batch_negatives' None
         help="the papers' loss only, also on the toy world",
     )
     g.add_argument("--indexing_dimension", type=int, default=None, help="toy: 64, else 768")
