@@ -14,8 +14,8 @@ from src.data import ReaderCollator, ReaderDataset, load_questions, require_targ
 from src.model import FiDT5
 from src.options import Options
 from src.reader import exact_match, generate_answers, load_tokenizer, reader_loss, tokenizer_source
-from src.trainer import train
-from src.util import cli, count_params, set_dropout, set_optim
+from src.trainer import Task, train
+from src.util import cli, count_params, set_dropout
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> None:
     options.add_reader_options()
     options.add_optim_options()
     opt = options.parse(argv)
-    run_dir, logger = dist.start_run(opt)
+    run_dir, logger = dist.start_run(opt, lock=True)
 
     # Data first: a bad file should fail before a large model loads.
     train_examples = load_questions(opt.train_data, opt.maxload)
@@ -34,18 +34,12 @@ def main(argv: list[str] | None = None) -> None:
 
     model_dir, resume_dir = checkpoint.start_point(opt, run_dir, default_model=f"t5-{opt.model_size}")
     logger.info("model weights from %s%s", model_dir, " (resuming)" if resume_dir else "")
+    model = FiDT5.load(model_dir, logger=logger)  # first: a directory without a model says so
     tokenizer = load_tokenizer(tokenizer_source(opt, model_dir))
-    model = FiDT5.load(model_dir, logger=logger)
     set_dropout(model, opt.dropout)
     model.set_checkpoint(opt.use_checkpoint)
     model = model.to(opt.device)
     logger.info("reader: %.1fM parameters on %s", count_params(model) / 1e6, opt.device)
-
-    optimizer, scheduler = set_optim(opt, model)
-    state = {"step": 0, "best_metric": None}
-    if resume_dir is not None:
-        state = checkpoint.load_training_state(resume_dir, optimizer, scheduler)
-        logger.info("resumed at step %d (best dev EM %s)", state["step"], state["best_metric"])
 
     # Evaluation sees no target (it generates), so the label length is irrelevant there.
     collator = ReaderCollator(tokenizer, opt.text_maxlength, opt.n_context, opt.answer_maxlength)
@@ -58,22 +52,8 @@ def main(argv: list[str] | None = None) -> None:
         em, _ = exact_match(results, eval_examples)
         return {} if em is None else {"exact_match": em}
 
-    train(
-        model,
-        optimizer,
-        scheduler,
-        train_dataset,
-        collator,
-        reader_loss,
-        evaluate,
-        opt,
-        run_dir,
-        tokenizer,
-        state,
-        metric_name="exact_match",
-        higher_is_better=True,
-        logger=logger,
-    )
+    task = Task(train_dataset, collator, reader_loss, evaluate, metric="exact_match", higher_is_better=True)
+    train(task, model, tokenizer, opt, run_dir, resume_dir, logger)
     logger.info("done: checkpoints in %s", checkpoint.checkpoint_root(run_dir))
     dist.destroy()
 

@@ -24,8 +24,8 @@ from src.data import RetrieverCollator, RetrieverDataset, load_questions
 from src.evaluation import per_question_ranking_metrics
 from src.model import Retriever, distillation_loss
 from src.options import Options
-from src.trainer import train
-from src.util import autocast, cli, count_params, set_dropout, set_optim
+from src.trainer import Task, train
+from src.util import autocast, cli, count_params, set_dropout
 
 RANKING_KS = (1, 2, 5)
 
@@ -86,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
     options.add_retriever_options()
     options.add_optim_options()
     opt = options.parse(argv)
-    run_dir, logger = dist.start_run(opt)
+    run_dir, logger = dist.start_run(opt, lock=True)
 
     # Data first: a bad file should fail before a large model loads.
     train_examples = load_questions(opt.train_data, opt.maxload)
@@ -101,12 +101,6 @@ def main(argv: list[str] | None = None) -> None:
     retriever = retriever.to(opt.device)
     logger.info("retriever: %.1fM parameters on %s", count_params(retriever) / 1e6, opt.device)
 
-    optimizer, scheduler = set_optim(opt, retriever)
-    state = {"step": 0, "best_metric": None}
-    if resume_dir is not None:
-        state = checkpoint.load_training_state(resume_dir, optimizer, scheduler)
-        logger.info("resumed at step %d (best dev loss %s)", state["step"], state["best_metric"])
-
     collator = RetrieverCollator(
         tokenizer,
         opt.n_context,
@@ -120,22 +114,8 @@ def main(argv: list[str] | None = None) -> None:
     def eval_fn(model) -> dict[str, float]:
         return evaluate(model, eval_dataset, collator, opt, logger) if eval_examples else {}
 
-    train(
-        retriever,
-        optimizer,
-        scheduler,
-        train_dataset,
-        collator,
-        make_loss_fn(opt),
-        eval_fn,
-        opt,
-        run_dir,
-        tokenizer,
-        state,
-        metric_name="loss",
-        higher_is_better=False,
-        logger=logger,
-    )
+    task = Task(train_dataset, collator, make_loss_fn(opt), eval_fn, metric="loss", higher_is_better=False)
+    train(task, retriever, tokenizer, opt, run_dir, resume_dir, logger)
     logger.info("done: checkpoints in %s", checkpoint.checkpoint_root(run_dir))
     dist.destroy()
 

@@ -49,7 +49,7 @@ def latest(run_dir: str | Path) -> Path | None:
     return resolve(checkpoint_root(run_dir) / "latest")
 
 
-def _rng_state() -> dict[str, Any]:
+def rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     state = {
         "python": random.getstate(),
@@ -65,7 +65,7 @@ def _rng_state() -> dict[str, Any]:
     return state
 
 
-def _set_rng_state(state: dict[str, Any]) -> None:
+def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
@@ -92,7 +92,7 @@ def save(
     state: dict[str, Any],
 ) -> Path | None:
     """Save `checkpoint/<name>` atomically. Collective: every rank must call it (RNG gather)."""
-    rngs = dist.gather_objects(_rng_state())
+    rngs = dist.gather_objects(rng_state())
     if not dist.is_main():
         return None
     root = checkpoint_root(run_dir)
@@ -130,6 +130,29 @@ def save(
     return final
 
 
+def clean_interrupted_saves(run_dir: str | Path) -> None:
+    """Finish what a killed save left behind (call with the run directory's lock held).
+
+    `.name.tmp` (a save that never completed) is removed; `name.old` is removed when `name`
+    exists (killed while deleting it) or renamed back to `name` when it does not (killed
+    between the two renames); half-written `.file.*.tmp` files of atomic writes go too.
+    """
+    root = checkpoint_root(run_dir)
+    for path in sorted(root.glob(".*.tmp")) if root.is_dir() else []:
+        logger.info("removing %s, left by an interrupted save", path)
+        shutil.rmtree(path, ignore_errors=True)
+    for old in sorted(root.glob("*.old")) if root.is_dir() else []:
+        final = old.with_name(old.name[: -len(".old")])
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            logger.info("restoring %s from %s, left by an interrupted save", final, old)
+            os.replace(old, final)
+    for path in Path(run_dir).glob(".*.tmp"):
+        if path.is_file():
+            path.unlink(missing_ok=True)
+
+
 def load_training_state(ckpt_dir: str | Path, optimizer=None, scheduler=None) -> dict[str, Any]:
     """Restore optimizer, scheduler and this rank's RNG from a checkpoint; return step and best metric."""
     path = Path(ckpt_dir) / STATE_FILE
@@ -143,7 +166,7 @@ def load_training_state(ckpt_dir: str | Path, optimizer=None, scheduler=None) ->
     rngs = payload.get("rng") or []
     rank = dist.get_rank()
     if rank < len(rngs):
-        _set_rng_state(rngs[rank])
+        set_rng_state(rngs[rank])
     return {
         "step": payload["step"],
         "best_metric": payload["best_metric"],

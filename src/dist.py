@@ -7,19 +7,27 @@ on a laptop with `torchrun --nproc_per_node 2`. This module knows nothing of mod
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
 import subprocess
+import threading
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from . import runlock
+
 logger = logging.getLogger("fid")
 
 # Set by SIGUSR1 (SLURM sends it near the time limit): the trainer saves and requeues.
 PREEMPTED = {"flag": False}
+# Set by SIGTERM (scancel, preemption, a cluster's eviction): the trainer saves `latest` at
+# the next step boundary and exits with EXIT_INTERRUPTED.
+INTERRUPTED = {"signal": None}
+EXIT_INTERRUPTED = 128 + signal.SIGTERM  # 143: the shell's "terminated by SIGTERM"
 
 
 def _slurm_env(opt) -> bool:
@@ -43,6 +51,30 @@ def _slurm_env(opt) -> bool:
 def _on_sigusr1(signum, frame) -> None:
     logger.warning("received SIGUSR1: saving and requeueing after the current step")
     PREEMPTED["flag"] = True
+
+
+def _on_sigterm(signum, frame) -> None:
+    if INTERRUPTED["signal"] is None:
+        logger.warning("received %s: saving latest after the current step, then exiting", signal.Signals(signum).name)
+    INTERRUPTED["signal"] = signum
+
+
+def handle_sigterm() -> contextlib.AbstractContextManager:
+    """While active, SIGTERM sets INTERRUPTED instead of killing the process (main thread only)."""
+
+    @contextlib.contextmanager
+    def scope():
+        INTERRUPTED["signal"] = None
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGTERM, previous)
+
+    return scope()
 
 
 def requeue_slurm_job() -> None:
@@ -129,19 +161,26 @@ def gather_objects(obj: Any) -> list[Any]:
 
 
 def destroy() -> None:
+    """End of a script: leave the process group and drop the run directory's lock."""
     if is_distributed():
         dist.destroy_process_group()
+    runlock.release()
 
 
-def start_run(opt):
+def start_run(opt, lock: bool = False):
     """The start of every training/evaluation script: process group, seed (offset by rank so
     ranks draw different dropout), run directory `checkpoint_dir/name`, logger (run.log on
-    rank 0), and the options saved as opt.log / options.json. Returns (run_dir, logger)."""
+    rank 0), and the options saved as opt.log / options.json. Returns (run_dir, logger).
+
+    With `lock` (training), global rank 0 first takes the run directory's lock, so a second
+    run on the same directory stops before it touches anything (see runlock.py)."""
     from pathlib import Path
 
     from .options import save_options
     from .util import init_logger, set_seed
 
+    if lock and int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+        runlock.acquire(Path(opt.checkpoint_dir) / opt.name)
     init_distributed(opt)
     set_seed(opt.seed + opt.rank)
     run_dir = Path(opt.checkpoint_dir) / opt.name

@@ -13,6 +13,18 @@ from pathlib import Path
 from typing import Any
 
 
+def positive_int(text: str) -> int:
+    """argparse type of counts and sizes (batch size, passages, tokens, steps): an integer >= 1.
+    A bad value is an argparse error: one line naming the flag, exit code 2."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {value}")
+    return value
+
+
 class Options:
     def __init__(self, description: str | None = None):
         self.parser = argparse.ArgumentParser(
@@ -43,13 +55,13 @@ class Options:
             default=None,
             help="tokenizer (default: the model directory when it holds a tokenizer)",
         )
-        g.add_argument("--per_gpu_batch_size", type=int, default=1, help="batch size per GPU/process")
+        g.add_argument("--per_gpu_batch_size", type=positive_int, default=1, help="batch size per GPU/process")
         g.add_argument("--maxload", type=int, default=-1, help="read at most this many examples (-1: all)")
         g.add_argument("--local_rank", type=int, default=-1, help="set by old launchers; torchrun uses LOCAL_RANK")
         g.add_argument("--main_port", type=int, default=-1, help="port of the process group under SLURM")
         g.add_argument("--seed", type=int, default=0, help="random seed")
-        g.add_argument("--eval_freq", type=int, default=500, help="evaluate every this many steps")
-        g.add_argument("--save_freq", type=int, default=5000, help="save step-N every this many steps")
+        g.add_argument("--eval_freq", type=positive_int, default=500, help="evaluate every this many steps")
+        g.add_argument("--save_freq", type=positive_int, default=5000, help="save step-N every this many steps")
         g.add_argument("--eval_print_freq", type=int, default=1000, help="log evaluation progress this often")
         g.add_argument(
             "--precision",
@@ -66,31 +78,33 @@ class Options:
         g.add_argument("--eval_data", type=str, default="none", help="question file (.json or .jsonl)")
         g.add_argument("--model_size", type=str, default="base", help="t5 size: small, base, large, ...")
         g.add_argument("--use_checkpoint", action="store_true", help="activation checkpointing in the encoder")
-        g.add_argument("--text_maxlength", type=int, default=200, help="max tokens of question + passage")
+        g.add_argument("--text_maxlength", type=positive_int, default=200, help="max tokens of question + passage")
         g.add_argument("--answer_maxlength", type=int, default=-1, help="max target tokens (-1: no truncation)")
         g.add_argument("--no_title", action="store_true", help="leave passage titles out of the input")
-        g.add_argument("--n_context", type=int, default=1, help="passages per question")
+        g.add_argument("--n_context", type=positive_int, default=1, help="passages per question")
         g.add_argument(
             "--generation_max_length",
-            type=int,
+            type=positive_int,
             default=50,
             help="greedy decoding length, counting the decoder start token (the original's max_length)",
         )
-        g.add_argument("--num_beams", type=int, default=1, help="beam search width (1: greedy, as the original)")
+        g.add_argument(
+            "--num_beams", type=positive_int, default=1, help="beam search width (1: greedy, as the original)"
+        )
 
     def add_retriever_options(self) -> None:
         g = self.parser.add_argument_group("retriever")
         g.add_argument("--train_data", type=str, default="none", help="dataset_wscores.json-style file")
         g.add_argument("--eval_data", type=str, default="none", help="dataset_wscores.json-style file")
-        g.add_argument("--indexing_dimension", type=int, default=768, help="size of the projected embeddings")
+        g.add_argument("--indexing_dimension", type=positive_int, default=768, help="size of the projected embeddings")
         g.add_argument("--no_projection", action="store_true", help="no projection: dim = encoder hidden size")
-        g.add_argument("--question_maxlength", type=int, default=40, help="max question tokens")
-        g.add_argument("--passage_maxlength", type=int, default=200, help="max passage tokens")
+        g.add_argument("--question_maxlength", type=positive_int, default=40, help="max question tokens")
+        g.add_argument("--passage_maxlength", type=positive_int, default=200, help="max passage tokens")
         g.add_argument("--no_question_mask", action="store_true", help="mean-pool questions over padding too")
         g.add_argument("--no_passage_mask", action="store_true", help="mean-pool passages over padding too")
         g.add_argument("--extract_cls", action="store_true", help="pool with the first token instead of the mean")
         g.add_argument("--no_title", action="store_true", help="leave passage titles out of the input")
-        g.add_argument("--n_context", type=int, default=1, help="passages per question")
+        g.add_argument("--n_context", type=positive_int, default=1, help="passages per question")
         g.add_argument("--temperature_gold", type=float, default=1.0, help="softmax temperature of gold scores")
         g.add_argument("--temperature_score", type=float, default=1.0, help="softmax temperature of predictions")
         g.add_argument(
@@ -103,15 +117,22 @@ class Options:
     def add_optim_options(self) -> None:
         g = self.parser.add_argument_group("optimisation")
         g.add_argument("--warmup_steps", type=int, default=1000)
-        g.add_argument("--total_steps", type=int, default=1000)
+        g.add_argument("--total_steps", type=positive_int, default=1000)
         g.add_argument(
             "--scheduler_steps",
             type=int,
             default=None,
             help="total steps of the schedule (default: total_steps); the lr reaches 0 there",
         )
-        g.add_argument("--accumulation_steps", type=int, default=1)
-        g.add_argument("--dropout", type=float, default=0.1, help="dropout rate")
+        g.add_argument("--accumulation_steps", type=positive_int, default=1)
+        g.add_argument(
+            "--dropout",
+            type=float,
+            default=0.1,
+            help="every dropout of the model: hidden states, feed-forward and attention probabilities (T5's "
+            "dropout_rate; BERT's hidden_dropout_prob and attention_probs_dropout_prob); saved in the checkpoint's "
+            "config, so a resumed run has the same",
+        )
         g.add_argument("--lr", type=float, default=1e-4, help="learning rate")
         g.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping")
         g.add_argument("--optim", type=str, default="adam", choices=["adam", "adamw"])
@@ -141,8 +162,8 @@ class Options:
         g.add_argument("--passages", type=str, default=None, help="passages .tsv (id, text, title)")
         g.add_argument("--output_path", type=str, default="wikipedia_embeddings/wiki", help="shard prefix")
         g.add_argument("--shard_id", type=int, default=0, help="which shard to embed")
-        g.add_argument("--num_shards", type=int, default=1, help="how many shards in all")
-        g.add_argument("--passage_maxlength", type=int, default=200, help="max passage tokens")
+        g.add_argument("--num_shards", type=positive_int, default=1, help="how many shards in all")
+        g.add_argument("--passage_maxlength", type=positive_int, default=200, help="max passage tokens")
         g.add_argument("--no_fp16", action="store_true", help="fp32 on GPU (fp16 is the default there)")
         g.add_argument("--no_title", action="store_true", help="leave passage titles out of the input")
 
@@ -153,13 +174,13 @@ class Options:
         g.add_argument("--passages", type=str, default=None, help="passages .tsv (id, text, title)")
         g.add_argument("--passages_embeddings", type=str, default=None, help="glob of embedding shards")
         g.add_argument("--output_path", type=str, default=None, help="retrieved question file")
-        g.add_argument("--n-docs", dest="n_docs", type=int, default=100, help="passages per question")
+        g.add_argument("--n-docs", dest="n_docs", type=positive_int, default=100, help="passages per question")
         g.add_argument("--validation_workers", type=int, default=32, help="processes computing hasanswer")
         g.add_argument("--save_or_load_index", action="store_true", help="save the index, or load a saved one")
         g.add_argument("--no_fp16", action="store_true", help="fp32 on GPU (fp16 is the default there)")
-        g.add_argument("--passage_maxlength", type=int, default=200, help="max passage tokens")
-        g.add_argument("--question_maxlength", type=int, default=40, help="max question tokens")
-        g.add_argument("--indexing_batch_size", type=int, default=50000, help="vectors added to FAISS at once")
+        g.add_argument("--passage_maxlength", type=positive_int, default=200, help="max passage tokens")
+        g.add_argument("--question_maxlength", type=positive_int, default=40, help="max question tokens")
+        g.add_argument("--indexing_batch_size", type=positive_int, default=50000, help="vectors added to FAISS at once")
         g.add_argument("--n-subquantizers", dest="n_subquantizers", type=int, default=0, help="PQ (0: flat)")
         g.add_argument("--n-bits", dest="n_bits", type=int, default=8, help="bits per PQ subquantizer")
 

@@ -1,9 +1,10 @@
-"""The one training loop, shared by the reader and the retriever (SPEC §8).
+"""The one training loop, shared by the reader and the retriever (README "Training").
 
-It knows nothing about readers or retrievers: a script hands it a `loss_fn(model,
-batch) -> loss` and an `eval_fn(model) -> {metric: value}`. It owns steps, gradient
-accumulation, clipping, the eval/save cadence, `best_dev`/`step-N`/`latest`,
-tensorboard, the progress bar, DDP and resuming with the same data order.
+It knows nothing about readers or retrievers: a script hands it a `Task` (dataset,
+collator, `loss(model, batch)`, `evaluate(model) -> {metric: value}` and the metric that
+picks `best_dev`). It owns the optimizer and schedule, steps, gradient accumulation,
+clipping, the eval/save cadence, `best_dev`/`step-N`/`latest`, tensorboard, the progress
+bar, DDP, SIGTERM/SIGUSR1, and resuming exactly (same data order, same random state).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from . import checkpoint, dist
-from .util import autocast
+from .util import autocast, set_optim
 
 
 class EpochSampler(Sampler[int]):
@@ -50,147 +52,209 @@ class EpochSampler(Sampler[int]):
         return math.ceil(self.n / self.world_size) - self.start
 
 
+@dataclass
+class Task:
+    """What the loop trains: one side of the papers, as `reader.py` / `retriever.py` build it."""
+
+    dataset: torch.utils.data.Dataset
+    collator: Callable
+    loss: Callable[[torch.nn.Module, Any], torch.Tensor]  # (model, collated batch) → scalar loss
+    evaluate: Callable[[torch.nn.Module], dict[str, float]] | None  # dev metrics; None: no dev set
+    metric: str  # the dev metric that picks best_dev
+    higher_is_better: bool
+
+
+def _interrupted(opt) -> bool:
+    """SIGTERM seen by any rank (all ranks must stop at the same step: DDP would hang)."""
+    flag = dist.INTERRUPTED["signal"] is not None
+    return dist.any_over_ranks(flag) if opt.is_distributed else flag
+
+
 def _is_better(value: float, best: float | None, higher_is_better: bool) -> bool:
     if best is None:
         return True
     return value > best if higher_is_better else value < best
 
 
-def train(
-    model: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    dataset,
-    collator: Callable,
-    loss_fn: Callable[[torch.nn.Module, Any], torch.Tensor],
-    eval_fn: Callable[[torch.nn.Module], dict[str, float]] | None,
-    opt,
-    run_dir: str | Path,
-    tokenizer,
-    state: dict[str, Any],
-    metric_name: str,
-    higher_is_better: bool,
-    logger,
-) -> dict[str, Any]:
-    """Train until `opt.total_steps` batches have been seen; returns the final state."""
-    step: int = state.get("step", 0)
-    best: float | None = state.get("best_metric")
-    bs = opt.per_gpu_batch_size
-    batches_per_epoch = math.ceil(math.ceil(len(dataset) / opt.world_size) / bs)
-    if batches_per_epoch == 0:
-        raise ValueError(f"{opt.train_data}: no training examples")
+def train(task: Task, model: torch.nn.Module, tokenizer, opt, run_dir: str | Path, resume_dir: Path | None, logger):
+    """Train `model` on `task` until `opt.total_steps` batches; resume from `resume_dir`
+    (a run's `latest`) when given. Returns {"step", "best_metric"}."""
+    return Trainer(task, model, tokenizer, opt, run_dir, resume_dir, logger).run()
 
-    base_model = model
-    if opt.is_distributed:
-        device_ids = [opt.device.index] if opt.device.type == "cuda" else None
-        model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-    use_scaler = opt.precision == "fp16" and opt.device.type == "cuda"
-    scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
-    if use_scaler and state.get("scaler"):
-        scaler.load_state_dict(state["scaler"])
 
-    tb = None
-    if opt.is_main:
-        from torch.utils.tensorboard import SummaryWriter
+class Trainer:
+    """One run of the loop. Saves happen only at the end of an accumulation cycle: the
+    gradients accumulated so far are not saved, so a resume from mid-cycle would differ."""
 
-        tb = SummaryWriter(log_dir=str(run_dir))
+    def __init__(self, task: Task, model, tokenizer, opt, run_dir, resume_dir: Path | None, logger):
+        self.task, self.tokenizer, self.opt, self.logger = task, tokenizer, opt, logger
+        self.run_dir = Path(run_dir)
+        self.base_model = model
+        self.optimizer, self.scheduler = set_optim(opt, model)
+        state = {"step": 0, "best_metric": None}
+        if resume_dir is not None:
+            state = checkpoint.load_training_state(resume_dir, self.optimizer, self.scheduler)
+            logger.info("resumed at step %d (best dev %s %s)", state["step"], task.metric, state["best_metric"])
+        self.step: int = state["step"]
+        self.best: float | None = state["best_metric"]
+        self.batches_per_epoch = math.ceil(math.ceil(len(task.dataset) / opt.world_size) / opt.per_gpu_batch_size)
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{opt.train_data}: no training examples")
+        self.model = model
+        if opt.is_distributed:
+            device_ids = [opt.device.index] if opt.device.type == "cuda" else None
+            self.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        self.use_scaler = opt.precision == "fp16" and opt.device.type == "cuda"
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_scaler)
+        if self.use_scaler and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.accumulation = max(1, opt.accumulation_steps)
+        self.running_loss, self.running_count = 0.0, 0
+        self.need_latest = self.pending_step_save = False
+        self.tb = None
 
-    def save(name: str) -> None:
-        state = {"step": step, "best_metric": best, "scaler": scaler.state_dict() if use_scaler else None}
-        checkpoint.save(run_dir, name, base_model, tokenizer, optimizer, scheduler, opt, state)
+    # -- the loop ----------------------------------------------------------------
 
-    check_preemption = "SLURM_JOB_ID" in os.environ
-    accumulation = max(1, opt.accumulation_steps)
-    running_loss, running_count = 0.0, 0
-    need_latest = pending_step_save = False
-    t0 = time.time()
-    model.train()
-    bar = tqdm(total=opt.total_steps, initial=step, desc="train", disable=not opt.is_main, dynamic_ncols=True)
-    logger.info(
-        "training from step %d to %d: %d examples, %d batches per epoch per process, %d processes",
-        step,
-        opt.total_steps,
-        len(dataset),
-        batches_per_epoch,
-        opt.world_size,
-    )
-    while step < opt.total_steps:
-        epoch, offset = divmod(step, batches_per_epoch)
+    def run(self) -> dict[str, Any]:
+        opt = self.opt
+        if opt.is_main:
+            from torch.utils.tensorboard import SummaryWriter  # heavy import, only where it is used
+
+            self.tb = SummaryWriter(log_dir=str(self.run_dir))
+            checkpoint.clean_interrupted_saves(self.run_dir)
+        self.logger.info(
+            "training from step %d to %d: %d examples, %d batches per epoch per process, %d processes",
+            self.step,
+            opt.total_steps,
+            len(self.task.dataset),
+            self.batches_per_epoch,
+            opt.world_size,
+        )
+        self.model.train()
+        self.t0 = time.time()
+        self.bar = tqdm(total=opt.total_steps, initial=self.step, desc="train", disable=not opt.is_main)
+        # SIGTERM (scancel, preemption): save `latest` at the next step boundary, then exit.
+        with dist.handle_sigterm():
+            while self.step < opt.total_steps:
+                for batch in self._epoch_loader():
+                    self._train_step(batch)
+                    if self.step >= opt.total_steps:
+                        break
+        self.bar.close()
+        if self.tb is not None:
+            self.tb.close()
+        return {"step": self.step, "best_metric": self.best}
+
+    def _epoch_loader(self) -> DataLoader:
+        """The rest of the current epoch, in the order an uninterrupted run sees it."""
+        opt, dataset = self.opt, self.task.dataset
+        epoch, offset = divmod(self.step, self.batches_per_epoch)
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
+        bs = opt.per_gpu_batch_size
         sampler = EpochSampler(len(dataset), opt.seed, epoch, opt.rank, opt.world_size, start=offset * bs)
-        loader = DataLoader(
+        return DataLoader(
             dataset,
             batch_size=bs,
             sampler=sampler,
-            collate_fn=collator,
+            collate_fn=self.task.collator,
             num_workers=opt.num_workers,
             # Own generator: creating the iterator must not consume the global RNG
             # (dropout), or a resumed run would diverge from an uninterrupted one.
             generator=torch.Generator().manual_seed(opt.seed + epoch),
         )
-        for batch in loader:
-            step += 1
-            sync = step % accumulation == 0 or step == opt.total_steps
-            no_sync = model.no_sync() if opt.is_distributed and not sync else contextlib.nullcontext()
-            with no_sync:
-                with autocast(opt):
-                    loss = loss_fn(model, batch)
-                scaler.scale(loss / accumulation).backward()
-            if sync:
-                scaler.unscale_(optimizer)
-                if opt.clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), opt.clip)
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-            running_loss += loss.item()
-            running_count += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
 
-            if step % opt.eval_freq == 0 or step == opt.total_steps:
-                train_loss, _ = dist.weighted_average(running_loss / max(1, running_count), running_count)
-                running_loss, running_count = 0.0, 0
-                lr = scheduler.get_last_lr()[0]
-                metrics = eval_fn(base_model) if eval_fn is not None else {}
-                model.train()
-                message = f"step {step}/{opt.total_steps} | train loss {train_loss:.4f} | lr {lr:.2e}"
-                message += "".join(f" | dev {k} {v:.4f}" for k, v in metrics.items())
-                message += f" | {time.time() - t0:.1f}s"
-                if metric_name in metrics and _is_better(metrics[metric_name], best, higher_is_better):
-                    best = metrics[metric_name]
-                    save("best_dev")
-                    message += " | new best_dev"
-                need_latest = True
-                logger.info(message)
-                if tb is not None:
-                    tb.add_scalar("train/loss", train_loss, step)
-                    tb.add_scalar("train/lr", lr, step)
-                    for k, v in metrics.items():
-                        tb.add_scalar(f"dev/{k}", v, step)
-                    tb.flush()
-                t0 = time.time()
-            if step % opt.save_freq == 0:
-                pending_step_save = True
-            # Saves wait for the end of an accumulation cycle: the gradients accumulated so
-            # far are not saved, so a resume from mid-cycle would differ from a straight run.
-            if sync and pending_step_save:
-                save(f"step-{step}")
-                pending_step_save, need_latest = False, True
-            if sync and need_latest:
-                save("latest")
-                need_latest = False
-            if check_preemption and sync and dist.any_over_ranks(dist.PREEMPTED["flag"]):
-                save("latest")
-                if opt.is_main:
-                    dist.requeue_slurm_job()
-                logger.warning("preempted at step %d: saved latest, exiting", step)
-                sys.exit(0)
-            if step >= opt.total_steps:
-                break
-    bar.close()
-    if tb is not None:
-        tb.close()
-    return {"step": step, "best_metric": best}
+    def _train_step(self, batch) -> None:
+        opt, model = self.opt, self.model
+        self.step += 1
+        sync = self.step % self.accumulation == 0 or self.step == opt.total_steps
+        no_sync = model.no_sync() if opt.is_distributed and not sync else contextlib.nullcontext()
+        with no_sync:
+            with autocast(opt):
+                loss = self.task.loss(model, batch)
+            self.scaler.scale(loss / self.accumulation).backward()
+        if sync:
+            self.scaler.unscale_(self.optimizer)
+            if opt.clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), opt.clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        self.running_loss += loss.item()
+        self.running_count += 1
+        self.bar.update(1)
+        self.bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+        if self.step % opt.eval_freq == 0 or self.step == opt.total_steps:
+            self._evaluate()
+        if self.step % opt.save_freq == 0:
+            self.pending_step_save = True
+        if sync:
+            self._at_cycle_end()
+
+    def _at_cycle_end(self) -> None:
+        """Saves and stops, all at the end of an accumulation cycle."""
+        opt = self.opt
+        if self.pending_step_save:
+            self._save(f"step-{self.step}")
+            self.pending_step_save, self.need_latest = False, True
+        if self.need_latest:
+            self._save("latest")
+            self.need_latest = False
+        if "SLURM_JOB_ID" in os.environ and dist.any_over_ranks(dist.PREEMPTED["flag"]):
+            self._save("latest")
+            if opt.is_main:
+                dist.requeue_slurm_job()
+            self.logger.warning("preempted at step %d: saved latest, exiting", self.step)
+            sys.exit(0)
+        if _interrupted(opt) and self.step < opt.total_steps:
+            self._save("latest")
+            self.logger.warning(
+                "interrupted at step %d/%d: saved %s; run the same command to resume",
+                self.step,
+                opt.total_steps,
+                checkpoint.checkpoint_root(self.run_dir) / "latest",
+            )
+            dist.destroy()
+            sys.exit(dist.EXIT_INTERRUPTED)
+
+    def _evaluate(self) -> None:
+        opt, step = self.opt, self.step
+        train_loss, _ = dist.weighted_average(self.running_loss / max(1, self.running_count), self.running_count)
+        steps_done, self.running_loss, self.running_count = self.running_count, 0.0, 0
+        lr = self.scheduler.get_last_lr()[0]
+        elapsed = time.time() - self.t0
+        # Evaluation must not move the random state dropout draws from (a DataLoader alone
+        # draws a seed): training is the same whatever the eval cadence, and a run stopped
+        # at an evaluation resumes exactly.
+        rng = checkpoint.rng_state()
+        metrics = self.task.evaluate(self.base_model) if self.task.evaluate is not None else {}
+        checkpoint.set_rng_state(rng)
+        self.model.train()
+        examples_per_s = steps_done * opt.per_gpu_batch_size * opt.world_size / max(elapsed, 1e-9)
+        message = f"step {step}/{opt.total_steps} | train loss {train_loss:.4f} | lr {lr:.2e}"
+        message += "".join(f" | dev {k} {v:.4f}" for k, v in metrics.items())
+        message += f" | {elapsed:.1f}s ({examples_per_s:.1f} examples/s)"
+        if self.task.metric in metrics and _is_better(metrics[self.task.metric], self.best, self.task.higher_is_better):
+            self.best = metrics[self.task.metric]
+            self._save("best_dev")
+            message += " | new best_dev"
+        self.need_latest = True
+        self.logger.info(message)
+        if self.tb is not None:
+            self.tb.add_scalar("train/loss", train_loss, step)
+            self.tb.add_scalar("train/lr", lr, step)
+            for k, v in metrics.items():
+                self.tb.add_scalar(f"dev/{k}", v, step)
+            self.tb.flush()
+        self.t0 = time.time()
+
+    def _save(self, name: str) -> None:
+        state = {
+            "step": self.step,
+            "best_metric": self.best,
+            "scaler": self.scaler.state_dict() if self.use_scaler else None,
+        }
+        checkpoint.save(
+            self.run_dir, name, self.base_model, self.tokenizer, self.optimizer, self.scheduler, self.opt, state
+        )

@@ -125,17 +125,54 @@ def check_model_path(path: str | Path, what: str = "model") -> None:
         raise FileNotFoundError(f"{what} {text}: no such directory")
 
 
+# Config fields that hold a dropout probability, across the encoders we load (T5, BERT-likes).
+DROPOUT_CONFIG_KEYS = (
+    "dropout_rate",  # T5: hidden, feed-forward and attention probabilities
+    "hidden_dropout_prob",  # BERT: embeddings, hidden and feed-forward
+    "attention_probs_dropout_prob",  # BERT: attention probabilities
+    "attention_dropout",  # DistilBERT, BART-likes
+    "dropout",  # DistilBERT, BART-likes
+)
+# Module attributes that hold the attention-probability dropout as a float, not as an
+# nn.Dropout (transformers 5's T5Attention reads `config.dropout_rate` once, at build time).
+DROPOUT_FLOAT_ATTRIBUTES = ("dropout", "attention_dropout", "dropout_p")
+
+
 def set_dropout(model, p: float) -> None:
-    """--dropout for every dropout layer, and in the config so that checkpoints record it."""
+    """--dropout p for every dropout of the model: each nn.Dropout, each attention module's
+    float dropout probability, and the config (so that a saved and reloaded or resumed
+    model has exactly the same dropout)."""
     import torch
 
     for module in model.modules():
         if isinstance(module, torch.nn.Dropout):
             module.p = p
+            continue
+        for name in DROPOUT_FLOAT_ATTRIBUTES:
+            value = getattr(module, name, None)
+            if isinstance(value, float) and not isinstance(value, bool):
+                setattr(module, name, p)
     for config in (model.config, getattr(model.config, "encoder", None)):
-        for key in ("dropout_rate", "hidden_dropout_prob", "attention_probs_dropout_prob"):
-            if config is not None and hasattr(config, key):
+        for key in DROPOUT_CONFIG_KEYS:
+            value = getattr(config, key, None) if config is not None else None
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
                 setattr(config, key, p)
+
+
+def dropout_rates(model) -> set[float]:
+    """Every dropout probability the model applies in training (nn.Dropout and float attributes)."""
+    import torch
+
+    rates = set()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            rates.add(module.p)
+            continue
+        for name in DROPOUT_FLOAT_ATTRIBUTES:
+            value = getattr(module, name, None)
+            if isinstance(value, float) and not isinstance(value, bool):
+                rates.add(value)
+    return rates
 
 
 def count_params(model) -> int:
@@ -146,12 +183,15 @@ def cli(main) -> None:
     """Run a script's main. A bad input (file, model path, option value) ends with one line
     naming what is wrong and exit code 2, not a traceback; FID_DEBUG=1 shows the traceback."""
     from .data import DataError
+    from .runlock import RunDirectoryBusy, release
 
     try:
         main()
-    except (DataError, OSError, UnicodeDecodeError, ValueError) as e:
+    except (DataError, OSError, UnicodeDecodeError, ValueError, RunDirectoryBusy) as e:
         if os.environ.get("FID_DEBUG"):
             raise
         logger.error("%s", e)
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    finally:
+        release()

@@ -10,8 +10,8 @@ from src import checkpoint
 from src.dist import init_distributed
 from src.options import Options
 from src.tiny import build_word_tokenizer, tiny_t5_config
-from src.trainer import EpochSampler, train
-from src.util import lr_lambda, set_optim, set_seed
+from src.trainer import EpochSampler, Task, train
+from src.util import lr_lambda, set_seed
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 
@@ -83,8 +83,6 @@ def run(tmp_path, name, total_steps, losses, tokenizer, kill_at=None):
         model = T5ForConditionalGeneration.from_pretrained(resume)
     else:
         model = T5ForConditionalGeneration(tiny_t5_config(len(tokenizer), dropout_rate=0.3))
-    optimizer, scheduler = set_optim(opt, model)
-    state = checkpoint.load_training_state(resume, optimizer, scheduler) if resume else {"step": 0}
 
     def loss_fn(model, batch):
         if kill_at is not None and len(losses) == kill_at:
@@ -98,8 +96,8 @@ def run(tmp_path, name, total_steps, losses, tokenizer, kill_at=None):
         return {"loss": float(losses[-1])}
 
     logger = logging.getLogger("fid")
-    return train(model, optimizer, scheduler, Seq2SeqData(tokenizer), collate, loss_fn, eval_fn, opt, run_dir,
-                 tokenizer, state, "loss", False, logger)  # fmt: skip
+    task = Task(Seq2SeqData(tokenizer), collate, loss_fn, eval_fn, metric="loss", higher_is_better=False)
+    return train(task, model, tokenizer, opt, run_dir, resume, logger)
 
 
 @pytest.mark.parametrize("kill_at, saved_at", [(7, 6), (5, 4)])
