@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import logging
+import logging.handlers
 import os
 import time
 from pathlib import Path
@@ -25,7 +26,14 @@ import torch
 from tqdm import tqdm
 
 from src.data import DataError, format_question, load_questions, write_questions
-from src.embedding import EmbeddingFileError, embed_texts, load_retriever, pools_over_padding, read_shard
+from src.embedding import (
+    EmbeddingFileError,
+    check_shard,
+    embed_texts,
+    load_retriever,
+    pools_over_padding,
+    read_shard,
+)
 from src.evaluation import retrieval_hits, top_k_accuracy
 from src.index import INDEX_FILE, Indexer
 from src.options import Options
@@ -62,13 +70,19 @@ def get_options(argv=None):
     return options.parse(argv)
 
 
-def embedding_files(pattern: str) -> list[str]:
-    """Shard files matched by the glob, sorted; our saved index files are never shards."""
+def embedding_files(pattern: str, allow_pickle: bool = False) -> list[str]:
+    """Shard files matched by the glob, sorted, each given a quick check (check_shard); our saved
+    index files are never shards."""
     files = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
     skip = {INDEX_FILE, "index_ids.npy", "index_meta.json"}
     files = [p for p in files if os.path.basename(p) not in skip and not p.endswith((".log", ".tmp"))]
     if not files:
         raise DataError(f"--passages_embeddings {pattern!r} matches no embedding files")
+    for path in files:
+        try:
+            check_shard(path, allow_pickle=allow_pickle)
+        except EmbeddingFileError as e:
+            raise DataError(str(e)) from None
     return files
 
 
@@ -169,13 +183,27 @@ def main(argv=None) -> None:
     file_logger = logging.getLogger("fid.topk")  # accuracy for every k: log file only
     file_logger.handlers.clear()
     file_logger.propagate = False
-    if opt.output_path:  # the whole log, every k included, beside the output
+    # The whole log, every k included, goes beside the output. It is held in memory until every
+    # input has been read (open_log), so that a run stopped by a bad input leaves the previous
+    # run's output and log as they were.
+    held = logging.handlers.MemoryHandler(capacity=1 << 20, flushLevel=logging.CRITICAL + 1, flushOnClose=False)
+    if opt.output_path:
+        logger.addHandler(held)
+        file_logger.addHandler(held)
+        file_logger.setLevel(logging.INFO)
+
+    def open_log() -> None:
+        if not opt.output_path or held not in logger.handlers:
+            return
         Path(opt.output_path).parent.mkdir(parents=True, exist_ok=True)
         handler = logging.FileHandler(f"{opt.output_path}.log", mode="w", encoding="utf-8")
         handler.setFormatter(logger.handlers[0].formatter)
-        logger.addHandler(handler)
-        file_logger.addHandler(handler)
-        file_logger.setLevel(logging.INFO)
+        held.setTarget(handler)
+        held.flush()
+        for log in (logger, file_logger):
+            log.removeHandler(held)
+            log.addHandler(handler)
+
     if not opt.data:
         raise DataError("--data (or --data_path) is required: the question file")
     workers = max(1, min(opt.validation_workers, os.cpu_count() or 1))
@@ -183,6 +211,7 @@ def main(argv=None) -> None:
     logger.info("%d questions from %s", len(examples), opt.data)
 
     if opt.evaluate_only:
+        open_log()
         add_hasanswer(examples, workers, logger)
         if opt.output_path:
             write_questions(opt.output_path, examples)
@@ -198,7 +227,7 @@ def main(argv=None) -> None:
         store = PassageStore(opt.passages)  # checked first: a bad file fails before the slow part
     except PassageFileError as e:
         raise DataError(str(e)) from None
-    files = embedding_files(opt.passages_embeddings)
+    files = embedding_files(opt.passages_embeddings, opt.allow_pickle_embeddings)
 
     device = torch.device(opt.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model, tokenizer = load_retriever(opt.model_path, opt.tokenizer_name_or_path, device)
@@ -231,6 +260,7 @@ def main(argv=None) -> None:
                 raise DataError(f"passage id {pid!r} of the embeddings is not in {opt.passages}")
             ctxs.append({**passage, "score": score})
         ex["ctxs"] = ctxs
+    open_log()  # every input has been read
     add_hasanswer(examples, workers, logger)
     write_questions(opt.output_path, examples)
     logger.info("wrote %d questions with %d passages each to %s", len(examples), opt.n_docs, opt.output_path)

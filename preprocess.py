@@ -19,17 +19,18 @@ from __future__ import annotations
 import argparse
 import ast
 import csv
+import functools
 import heapq
 import json
 import logging
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from tqdm import tqdm
 
-from src.data import DataError, parse_score, write_questions
+from src.data import DataError, json_error, parse_score, utf8_error, write_questions
 from src.evaluation import has_answer
 from src.passages import PassageFileError, PassageStore
 from src.util import cli, init_logger
@@ -55,27 +56,50 @@ def require_file(path: Path, what: str) -> Path:
 def read_json(path: Path, what: str) -> Any:
     """A whole JSON file (index files, passage-id lists, TriviaQA)."""
     require_file(path, what)
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         try:
             return json.load(f)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}, line {e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+            raise json_error(path, e, expected=f"JSON: {what}") from None
         except UnicodeDecodeError:
-            raise DataError(f"{path}: not UTF-8 text") from None
+            raise utf8_error(path) from None
 
 
+def checked_records(read: Callable[..., Iterator[tuple[str, Any]]]) -> Callable[..., Iterator[tuple[str, Any]]]:
+    """For a reader of records `read(path, ...)`: a file that is not UTF-8 is an error naming its
+    first bad line, and a file without a single record is an error (not an empty output)."""
+
+    @functools.wraps(read)
+    def wrapper(path: Path, *args, **kwargs) -> Iterator[tuple[str, Any]]:
+        n = 0
+        try:
+            for item in read(path, *args, **kwargs):
+                n += 1
+                yield item
+        except UnicodeDecodeError:
+            raise utf8_error(path) from None
+        if n == 0:
+            with open(path, "rb") as f:
+                blank = not f.read(1 << 16).strip()
+            raise DataError(f"{path}: empty file" if blank else f"{path}: no records (questions) in the file")
+
+    return wrapper
+
+
+@checked_records
 def iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
     """("line N", object) for each non-blank line."""
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
                 yield f"line {lineno}", json.loads(line)
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}, line {lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
+                raise json_error(path, e, lineno) from None
 
 
+@checked_records
 def iter_json_list(path: Path, chunk_chars: int = 1 << 20) -> Iterator[tuple[str, Any]]:
     """("line N", object) for each object of a top-level JSON list, without loading the file.
 
@@ -85,7 +109,7 @@ def iter_json_list(path: Path, chunk_chars: int = 1 << 20) -> Iterator[tuple[str
     complete at its closing brace, so a cut one can never decode by mistake.
     """
     decoder = json.JSONDecoder()
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         buf, pos, eof = "", 0, False
         line_base, counted = 1, 0  # line number at buf[counted]
 
@@ -132,11 +156,13 @@ def iter_json_list(path: Path, chunk_chars: int = 1 << 20) -> Iterator[tuple[str
                 return
             if not first:
                 if c != ",":
-                    raise fail("expected ',' or ']' between examples" if c else "file ends inside the list")
+                    raise fail(
+                        "expected ',' or ']' between examples" if c else "file ends inside the list (truncated?)"
+                    )
                 pos += 1
                 c = next_char()
             if c != "{":
-                raise fail("expected an object '{...}'" if c else "file ends inside the list")
+                raise fail("expected an object '{...}'" if c else "file ends inside the list (truncated?)")
             while True:
                 try:
                     obj, end = decoder.raw_decode(buf, pos)
@@ -146,19 +172,25 @@ def iter_json_list(path: Path, chunk_chars: int = 1 << 20) -> Iterator[tuple[str
                         fill()
                         continue
                     lineno = line_at(pos) + buf.count("\n", pos, e.pos)
-                    raise DataError(f"{path}, line {lineno}: invalid JSON ({e.msg})") from None
+                    cut = e.msg.startswith("Unterminated string") or e.pos >= len(buf.rstrip())
+                    hint = "; the file ends in the middle of an example: is it truncated?" if cut else ""
+                    raise DataError(f"{path}, line {lineno}: invalid JSON ({e.msg}{hint})") from None
             yield f"line {line_at(pos)}", obj
             pos, first = end, False
 
 
-def iter_json_records(path: Path) -> Iterator[tuple[str, Any]]:
-    """Records of a .jsonl file, a JSON list, or a TriviaQA file ({"Data": [...]}), with where they are."""
+@checked_records
+def iter_json_records(path: Path, wrappers: tuple[str, ...] = ("Data",)) -> Iterator[tuple[str, Any]]:
+    """Records of a .jsonl file, a JSON list, or (keys in `wrappers`) a TriviaQA file ({"Data": [...]}),
+    with where they are."""
     require_file(path, "input")
     if path.suffix == ".jsonl":
         yield from iter_jsonl(path)
         return
-    with open(path, encoding="utf-8") as f:
+    with open(path, encoding="utf-8-sig") as f:
         head = f.read(4096).lstrip()
+    if not head and path.stat().st_size <= 4096:
+        return  # empty: @checked_records says so
     if head.startswith("["):
         yield from iter_json_list(path)
         return
@@ -169,12 +201,16 @@ def iter_json_records(path: Path) -> Iterator[tuple[str, Any]]:
             yield from iter_jsonl(path)
             return
         raise
-    for key in ("Data", "data"):  # TriviaQA's {"Data": [...]}, and {"data": [...]}
+    for key in wrappers:  # TriviaQA's {"Data": [...]}
         if isinstance(data, dict) and isinstance(data.get(key), list):
             for i, record in enumerate(data[key]):
                 yield f"{key}[{i}]", record
             return
-    raise DataError(f"{path}: expected a JSON list, JSON lines, or {{'Data': [...]}}; found a {type(data).__name__}")
+    expected = "a JSON list [{...}, ...] or JSON lines" + (f", or {{'{wrappers[0]}': [...]}}" if wrappers else "")
+    if isinstance(data, dict):
+        keys = ", ".join(repr(k) for k in list(data)[:5]) + (", ..." if len(data) > 5 else "")
+        raise DataError(f"{path}: expected {expected}, found a JSON object {{{keys}}}")
+    raise DataError(f"{path}: expected {expected}; found a {type(data).__name__}")
 
 
 def parse_answers(text: str, where: str) -> list[str]:
@@ -191,6 +227,7 @@ def parse_answers(text: str, where: str) -> list[str]:
     return answers
 
 
+@checked_records
 def iter_qa_tsv(path: Path) -> Iterator[tuple[str, dict]]:
     """DPR's question files (nq-test.qa.csv, trivia-test.qa.csv): `question<TAB>['answer', ...]`.
 
@@ -537,7 +574,7 @@ def convert_dpr_example(
 def run_dpr(args: argparse.Namespace) -> None:
     source, output = Path(args.input), Path(args.output)
     lookup = PassageLookup(open_passages(Path(args.passages)), args.skip_missing_passages) if args.passages else None
-    records = iter_json_records(source)
+    records = iter_json_records(source, wrappers=())
     examples = (
         convert_dpr_example(record, f"{source}, {where}", k, lookup, args.n_docs)
         for k, (where, record) in enumerate(tqdm(records, desc=f"converting {source.name}"))
@@ -561,6 +598,13 @@ def read_run(path: Path, n_docs: int) -> dict[str, list[tuple[str, float]]]:
     `{qid: {docid: score}}`) by descending score, ties in file order.
     """
     require_file(path, "run")
+    try:
+        return _read_run(path, n_docs)
+    except UnicodeDecodeError:
+        raise utf8_error(path) from None
+
+
+def _read_run(path: Path, n_docs: int) -> dict[str, list[tuple[str, float]]]:
     limit = n_docs if n_docs >= 0 else float("inf")
     run: dict[str, list] = {}
     with open(path, encoding="utf-8") as f:
@@ -680,6 +724,17 @@ modes (python preprocess.py MODE --help for each):
 """
 
 
+def count_or_all(text: str) -> int:
+    """argparse type of --n_docs: a positive integer, or -1 for all."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1 and value != -1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, or -1 for all, got {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
@@ -702,7 +757,7 @@ def build_parser() -> argparse.ArgumentParser:
             "--n_docs",
             "--n-docs",
             dest="n_docs",
-            type=int,
+            type=count_or_all,
             default=default,
             help=f"keep the top N passages (default {default}; -1: all)",
         )

@@ -26,14 +26,16 @@ def main(argv: list[str] | None = None) -> None:
     options.add_reader_options()
     options.add_eval_options()
     opt = options.parse(argv)
-    run_dir, logger = dist.start_run(opt)
     if opt.model_path == "none":
-        raise SystemExit("test_reader.py: --model_path is required (a reader checkpoint directory)")
-
+        options.parser.error("--model_path is required (a reader checkpoint directory)")
+    # The data is checked before the run directory is touched and before a large model loads.
     examples = load_questions(opt.eval_data, opt.maxload)
+    run_dir, logger = dist.start_run(opt)
+
     dataset = ReaderDataset(examples, opt.n_context, opt.no_title, source=opt.eval_data)
-    tokenizer = load_tokenizer(tokenizer_source(opt, opt.model_path))
+    # The model first: a --model_path without a model says so, not that its tokenizer is missing.
     model = FiDT5.load(opt.model_path, logger=logger).to(opt.device)
+    tokenizer = load_tokenizer(tokenizer_source(opt, opt.model_path))
     collator = ReaderCollator(tokenizer, opt.text_maxlength, opt.n_context)
     logger.info("evaluating %s: %d examples, %d processes", opt.eval_data, len(examples), opt.world_size)
 

@@ -31,30 +31,82 @@ class DataError(ValueError):
 # ---------------------------------------------------------------------------
 
 
+def utf8_error(path: str | Path) -> DataError:
+    """The error for a file that is not UTF-8: file, line and column of its first bad byte."""
+    with open(path, "rb") as f:
+        for lineno, line in enumerate(f, 1):
+            try:
+                line.decode("utf-8")
+            except UnicodeDecodeError as e:
+                return DataError(
+                    f"{path}, line {lineno}: not UTF-8 text (byte 0x{line[e.start]:02x} at column {e.start + 1}); "
+                    "save the file as UTF-8"
+                )
+    return DataError(f"{path}: not UTF-8 text; save the file as UTF-8")
+
+
+def json_error(
+    path: str | Path,
+    e: json.JSONDecodeError,
+    lineno: int | None = None,
+    expected: str = "a JSON list of examples, or JSON lines",
+) -> DataError:
+    """'file, line N: invalid JSON (...)', saying when the file is empty or ends early (truncated).
+    `lineno`: the line of a JSON lines file that `e` is about."""
+    if not e.doc.strip() and lineno is None:
+        return DataError(f"{path}: empty file (expected {expected})")
+    hint = ""
+    if e.msg.startswith("Unterminated string") or e.pos >= len(e.doc.rstrip()):
+        hint = (
+            "; the text ends in the middle of a value: is the file truncated?"
+            if lineno is None
+            else "; the line ends in the middle of a value: truncated, or one example over several lines? "
+            "(JSON lines hold one whole example per line)"
+        )
+    elif e.msg == "Extra data" and lineno is None:
+        hint = "; one example per line? name the file .jsonl"
+    line = e.lineno if lineno is None else lineno
+    return DataError(f"{path}, line {line}: invalid JSON ({e.msg}, column {e.colno}{hint})")
+
+
 def _read_entries(path: Path) -> list[tuple[str, Any]]:
     """(where, entry) pairs; `where` is 'line N' for JSON lines, 'example N' for a JSON list."""
     if not path.exists():
         raise DataError(f"{path}: no such file")
-    if path.suffix == ".jsonl":
-        entries = []
-        with open(path, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    entries.append((f"line {lineno}", json.loads(line)))
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}, line {lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
-        return entries
-    with open(path, encoding="utf-8") as f:
-        try:
-            data = json.load(f)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}, line {e.lineno}: invalid JSON ({e.msg}, column {e.colno})") from None
-    if isinstance(data, dict) and "data" in data and isinstance(data["data"], list):
-        data = data["data"]
+    if path.is_dir():
+        raise DataError(f"{path}: a directory, not a question file")
+    try:
+        if path.suffix == ".jsonl":
+            entries, blank = [], True
+            with open(path, encoding="utf-8-sig") as f:
+                for lineno, line in enumerate(f, 1):
+                    if not line.strip():
+                        continue
+                    blank = False
+                    try:
+                        entries.append((f"line {lineno}", json.loads(line)))
+                    except json.JSONDecodeError as e:
+                        raise json_error(path, e, lineno) from None
+            if blank:
+                raise DataError(f"{path}: empty file (expected JSON lines, one example per line)")
+            return entries
+        with open(path, encoding="utf-8-sig") as f:
+            try:
+                data = json.load(f)
+            except json.JSONDecodeError as e:
+                raise json_error(path, e) from None
+    except UnicodeDecodeError:
+        raise utf8_error(path) from None
+    if isinstance(data, dict):
+        keys = ", ".join(repr(k) for k in list(data)[:5]) + (", ..." if len(data) > 5 else "")
+        raise DataError(
+            f"{path}: expected a JSON list of examples [{{...}}, ...] (or JSON lines, one example per line, "
+            f"in a .jsonl file), found a JSON object {{{keys}}}"
+        )
     if not isinstance(data, list):
         raise DataError(f"{path}: expected a JSON list of examples (or a .jsonl file), got {type(data).__name__}")
+    if not data:
+        raise DataError(f"{path}: no examples (an empty JSON list)")
     return [(f"example {i}", ex) for i, ex in enumerate(data)]
 
 
@@ -63,9 +115,12 @@ def parse_score(value: Any, where: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise DataError(f"{where}: score must be a number, got {value!r}")
     try:
-        return float(value)
+        score = float(value)
     except ValueError:
         raise DataError(f"{where}: score {value!r} is not a number") from None
+    if not math.isfinite(score):
+        raise DataError(f"{where}: score {value!r} is not a finite number")
+    return score
 
 
 def validate_example(ex: Any, where: str) -> None:

@@ -19,6 +19,7 @@ import contextlib
 import logging
 import os
 import pickle
+import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from itertools import islice
 from pathlib import Path
@@ -105,6 +106,10 @@ def load_retriever(model_path: str, tokenizer_path: str | None, device: torch.de
 
     from .model import Retriever, is_saved_retriever
 
+    if not os.path.exists(model_path):
+        raise FileNotFoundError(
+            f"--model_path {model_path}: no such directory (a retriever saved by train_retriever.py)"
+        )
     if not is_saved_retriever(model_path):
         raise FileNotFoundError(
             f"--model_path {model_path}: not a saved retriever (a directory written by train_retriever.py, "
@@ -148,6 +153,27 @@ def write_shard(path: str | os.PathLike, ids: list[str], embeddings: np.ndarray)
         np.savez(f, ids=np.asarray(ids, dtype=str), embeddings=np.asarray(embeddings, dtype=np.float32))
 
 
+def check_shard(path: str | os.PathLike, allow_pickle: bool = False) -> None:
+    """A quick look at a shard without reading its arrays (the zip directory only), so that a
+    truncated or foreign file fails before the slow part; read_shard checks the rest."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic[:1] == b"\x80" and allow_pickle:
+        return
+    if not magic.startswith(b"PK"):
+        read_shard(path, allow_pickle)  # raises the right error
+        return
+    try:
+        with zipfile.ZipFile(path) as z:
+            names = set(z.namelist())
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        raise EmbeddingFileError(f"{path}: corrupt or truncated embedding shard ({e})") from None
+    missing = [name for name in ("ids", "embeddings") if f"{name}.npy" not in names]
+    if missing:
+        raise EmbeddingFileError(f"{path}: not an embedding shard with 'ids' and 'embeddings' (no {missing})")
+
+
 def read_shard(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """(ids (n,) str, embeddings (n, dim) float32) of one shard, ours or (with allow_pickle) legacy."""
     path = Path(path)
@@ -157,16 +183,21 @@ def read_shard(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[np.
         try:
             with np.load(path, allow_pickle=False) as data:
                 ids, embeddings = data["ids"], data["embeddings"]
-        except (KeyError, ValueError, OSError) as e:
-            raise EmbeddingFileError(f"{path}: not an embedding shard with 'ids' and 'embeddings' ({e})") from None
+        except (KeyError, ValueError, OSError, EOFError, zipfile.BadZipFile) as e:  # BadZipFile: truncated
+            raise EmbeddingFileError(
+                f"{path}: corrupt or truncated embedding shard, or not one with 'ids' and 'embeddings' ({e})"
+            ) from None
     elif magic[:1] == b"\x80":  # a pickle (protocol >= 2): the original code's shards
         if not allow_pickle:
             raise EmbeddingFileError(
                 f"{path}: a pickled embedding shard (the original FiD format). Unpickling runs arbitrary code; "
                 "pass --allow_pickle_embeddings if you trust this file"
             )
-        with open(path, "rb") as f:
-            loaded = pickle.load(f)  # noqa: S301 - explicit user opt-in above
+        try:
+            with open(path, "rb") as f:
+                loaded = pickle.load(f)  # noqa: S301 - explicit user opt-in above
+        except (pickle.UnpicklingError, EOFError, ValueError, TypeError, AttributeError, ImportError) as e:
+            raise EmbeddingFileError(f"{path}: corrupt or truncated legacy (pickled) embedding shard ({e})") from None
         try:
             ids, embeddings = loaded
         except (TypeError, ValueError):
@@ -176,7 +207,10 @@ def read_shard(path: str | os.PathLike, allow_pickle: bool = False) -> tuple[np.
         raise EmbeddingFileError(
             f"{path}: not an embedding shard (expected .npz written by generate_passage_embeddings.py)"
         )
-    embeddings = np.asarray(embeddings, dtype=np.float32)
+    try:
+        embeddings = np.asarray(embeddings, dtype=np.float32)
+    except (TypeError, ValueError) as e:
+        raise EmbeddingFileError(f"{path}: embeddings are not a float matrix ({e})") from None
     if embeddings.ndim != 2 or len(ids) != len(embeddings):
         raise EmbeddingFileError(f"{path}: {len(ids)} ids for embeddings of shape {embeddings.shape}")
     return ids.astype(str), embeddings

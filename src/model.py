@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import math
+import os
 import re
 import shutil
 import sys
@@ -306,10 +307,20 @@ class FiDT5(transformers.T5ForConditionalGeneration):
         if local.is_dir():
             if not (local / "config.json").is_file():
                 raise FileNotFoundError(f"{local}: no config.json, not a T5 / FiD checkpoint directory")
+            model_type = _config_model_type(local)
+            if model_type is not None and model_type != "t5":  # very old configs may lack model_type
+                raise ValueError(f"{local}: config.json is a {model_type} model, not a T5 / FiD reader checkpoint")
             original = _original_fid_state(local)
             if original is not None:
                 return cls._from_original_fid(local, original, log)
-            keys = _checkpoint_keys(local)
+            try:
+                keys = _checkpoint_keys(local)
+            except Exception as e:  # a corrupt or truncated weights file: safetensors/torch errors of all kinds
+                raise ValueError(f"{local}: cannot read the model weights ({type(e).__name__}: {e})") from e
+            if keys is None:
+                raise FileNotFoundError(
+                    f"{local}: no model weights (model.safetensors or pytorch_model.bin), not a T5 / FiD checkpoint"
+                )
         # Train and keep weights in float32 whatever dtype they were saved in (bf16/fp16 come
         # from autocast, --precision); transformers 5 would otherwise keep the saved dtype.
         from_pretrained_kwargs.setdefault("dtype", torch.float32)
@@ -667,6 +678,11 @@ class Retriever(transformers.PreTrainedModel):
                 f"{model_name_or_path} is a saved retriever, not an encoder: load it with Retriever.from_pretrained "
                 "(or --model_path)"
             )
+        if getattr(encoder_config, "is_encoder_decoder", False):
+            raise ValueError(
+                f"{model_name_or_path}: a {encoder_config.model_type} encoder-decoder model, not an encoder "
+                "(BERT-like) for the retriever"
+            )
         retriever_config = RetrieverConfig(
             encoder=encoder_config,
             indexing_dimension=indexing_dimension if projection else encoder_config.hidden_size,
@@ -702,6 +718,8 @@ class Retriever(transformers.PreTrainedModel):
                 model_dir = getattr(opt, "model_name_or_path", None) or "bert-base-uncased"
         model_dir = str(model_dir)
         check_model_path(model_dir, "retriever")
+        if os.path.isdir(model_dir) and not os.path.isfile(os.path.join(model_dir, "config.json")):
+            raise FileNotFoundError(f"{model_dir}: no config.json, not a retriever or encoder (BERT-like) directory")
         if is_saved_retriever(model_dir):
             retriever = cls.from_pretrained(model_dir, dtype=torch.float32)
             _warn_if_options_differ(retriever.config, opt, model_dir, log)
@@ -849,6 +867,15 @@ def distillation_loss(
     log_p, log_q = log_p.masked_fill(~valid, 0.0), log_q.masked_fill(~valid, 0.0)
     kl = (log_p.exp() * valid * (log_p - log_q)).sum(dim=-1)  # (B,)
     return kl.mean()
+
+
+def _config_model_type(path: str | Path) -> str | None:
+    """`model_type` of a model directory's config.json (None if absent or unreadable)."""
+    try:
+        config = json.loads((Path(path) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    return config.get("model_type") if isinstance(config, dict) else None
 
 
 def is_saved_retriever(path: str | Path) -> bool:

@@ -111,6 +111,12 @@ class PassageStore:
             self._save_index(index, cache_dir)
         self._set_index(index)
         self._report_bad_rows()
+        if not len(self):
+            raise PassageFileError(
+                f"{self.path}: no passages that parse"
+                if self.meta["n_bad_rows"]
+                else f"{self.path}: no passages (a header and no rows: id<TAB>text<TAB>title per line)"
+            )
 
     # ---- the offset index -------------------------------------------------
 
@@ -242,6 +248,11 @@ class PassageStore:
         return index
 
     def _parse_header(self, header: bytes) -> list[str]:
+        if not header.strip():
+            raise PassageFileError(
+                f"{self.path}:1: empty {'file' if not header else 'first line'} (expected the header "
+                "id<TAB>text<TAB>title, then one passage per line)"
+            )
         try:
             columns = [c.strip().lower() for c in header.decode("utf-8").rstrip("\r\n").split("\t")]
         except UnicodeDecodeError:

@@ -1,0 +1,453 @@
+"""Bad inputs, one clear error each: for every script, a table of (case id, arguments, expected
+message fragment). Each case must end with exit code 2, a one-line message naming the file
+(and line or example) or the option, no traceback, and every output already on disk left
+as it was, byte for byte (no half-written file either).
+
+Adding a case is one line in a table. Arguments may use the placeholders of `world` below
+({good}: a valid question file, {bad}: the directory of the BAD_FILES, {t5}, {bert},
+{retriever}, {psgs}, {shards}, {out}). In a fragment, "…" stands for any text. Cases run
+in-process (`cli(main)`, as `python script.py` does: same handler, a few ms each); those
+marked `subprocess=True` run as a real `python script.py` to prove the exit code and the
+absence of a traceback end to end.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from src.embedding import write_shard
+from src.model import Retriever
+from src.tiny import save_tiny_bert, save_tiny_t5
+from src.util import cli
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = "what color does anna boris like red blue green title context question".split()
+
+
+def example(i: int, **changes) -> dict:
+    ctxs = [
+        {"id": "1", "title": "anna", "text": "anna likes red", "score": 2.0},
+        {"id": "2", "title": "boris", "text": "boris likes blue", "score": 1.0},
+    ]
+    return {"id": f"q{i}", "question": "what color does anna like", "answers": ["red"], "ctxs": ctxs, **changes}
+
+
+def ctx(**changes) -> dict:
+    return {"id": "1", "title": "anna", "text": "anna likes red", "score": 2.0, **changes}
+
+
+GOOD = [example(0), example(1)]
+LATIN1 = "caf\u00e9".encode("latin-1")  # b"caf\xe9": not UTF-8
+
+# name -> content (str, bytes, or a function of the world's root for files built from others)
+BAD_FILES = {
+    "object.json": json.dumps({"data": GOOD}),  # the reported bug: exited 0
+    "dict_of_examples.json": json.dumps({"q0": example(0)}),
+    "not_utf8.json": b'[\n{"question": "' + LATIN1 + b'", "answers": ["x"]}\n]\n',
+    "not_utf8.jsonl": json.dumps(example(0)).encode() + b'\n{"question": "' + LATIN1 + b'"}\n',
+    "empty.json": "",
+    "empty.jsonl": "\n",
+    "empty_list.json": "[]",
+    "truncated.json": '[\n{"question": "q", "ctxs": [{"title": "t", "text": "cut here',
+    "list_line.jsonl": json.dumps(GOOD) + "\n",
+    "no_question.json": json.dumps([example(0), {"answers": ["x"], "ctxs": []}]),
+    "ctxs_not_list.json": json.dumps([example(0, ctxs="anna likes red")]),
+    "ctx_without_text.json": json.dumps([example(0, ctxs=[ctx(), {"title": "boris"}])]),
+    "score_not_number.json": json.dumps([example(0, ctxs=[ctx(score="high"), ctx(id="2")])]),
+    "score_nan.json": json.dumps([example(0, ctxs=[ctx(score="nan"), ctx(id="2")])]),
+    "no_gold_score.json": json.dumps([example(0), example(1, ctxs=[{"title": "a", "text": "b"}])]),
+    "no_target.json": json.dumps([example(0, answers=[])]),
+    # DPR-style inputs of preprocess.py dpr (string scores, has_answer)
+    "dpr_ctxs_not_list.json": json.dumps([{"question": "q", "answers": ["a"], "ctxs": {"id": "1"}}]),
+    "dpr_ctx_without_text.json": json.dumps([{"question": "q", "answers": ["a"], "ctxs": [{"id": "1", "title": "t"}]}]),
+    "dpr_score.json": json.dumps([{"question": "q", "ctxs": [{"id": "1", "title": "t", "text": "x", "score": "n/a"}]}]),
+    "not_utf8.qa.csv": b"what color\t['red']\n" + LATIN1 + b"\t['x']\n",
+    "run_score.trec": "q0 Q0 1 1 high bm25\n",
+    "run_not_utf8.trec": b"q0 Q0 1 1 3.5 " + LATIN1 + b"\n",
+    # passages TSVs
+    "short_rows.tsv": "id\ttext\ttitle\n1\tanna likes red\tanna\n2\tonly a text\n",
+    "no_header.tsv": "1\tanna likes red\tanna\n2\tboris likes blue\tboris\n",
+    "empty.tsv": "",
+    "header_only.tsv": "id\ttext\ttitle\n",
+    "not_utf8.tsv": b"id\ttext\ttitle\n1\t" + LATIN1 + b"\tanna\n",
+    # embedding shards (globs: {bad}/truncated_*)
+    "truncated_00.npz": lambda root: (root / "shards_00.npz").read_bytes()[:200],
+    "garbage_00.npz": b"these are not embeddings\n",
+    "wrong_arrays_00.npz": lambda root: _npz(a=np.zeros(3)),
+    # model directories: created as directories (see world)
+}
+MODEL_DIRS = {"no_model": {}, "config_only": {"config.json": json.dumps({"model_type": "t5"})}}
+
+
+def _npz(**arrays) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> dict[str, str]:
+    root = tmp_path_factory.mktemp("bad_inputs")
+    save_tiny_t5(root / "t5", [" ".join(WORDS)], d_model=16, layers=1, heads=2)
+    bert = save_tiny_bert(root / "bert", [" ".join(WORDS)], hidden=16, layers=1, heads=2)
+    Retriever.from_encoder(str(bert), indexing_dimension=8).save_pretrained(root / "retriever")
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(bert).save_pretrained(root / "retriever")
+    (root / "good.json").write_text(json.dumps(GOOD))
+    (root / "psgs.tsv").write_text("id\ttext\ttitle\n1\tanna likes red\tanna\n2\tboris likes blue\tboris\n")
+    write_shard(root / "shards_00.npz", ["1", "2"], np.random.default_rng(0).random((2, 8), dtype=np.float32))
+    (root / "run.trec").write_text("q0 Q0 1 1 3.5 bm25\n")
+    bad = root / "bad"
+    bad.mkdir()
+    for name, content in BAD_FILES.items():
+        content = content(root) if callable(content) else content
+        (bad / name).write_bytes(content if isinstance(content, bytes) else content.encode())
+    for name, files in MODEL_DIRS.items():
+        (bad / name).mkdir()
+        for file, text in files.items():
+            (bad / name / file).write_text(text)
+    (root / "out").mkdir()
+    return {
+        "root": str(root),
+        "good": str(root / "good.json"),
+        "bad": str(bad),
+        "t5": str(root / "t5"),
+        "bert": str(bert),
+        "retriever": str(root / "retriever"),
+        "psgs": str(root / "psgs.tsv"),
+        "shards": str(root / "shards_*"),
+        "run": str(root / "run.trec"),
+        "out": str(root / "out"),
+    }
+
+
+def case(case_id: str, args: list[str], fragment: str, subprocess: bool = False):
+    return pytest.param(args, fragment, subprocess, id=case_id)
+
+
+def found_in_order(line: str, fragment: str) -> bool:
+    pos = 0
+    for part in fragment.split("…"):
+        pos = line.find(part, pos)
+        if pos < 0:
+            return False
+        pos += len(part)
+    return True
+
+
+def run_bad(script: str, args: list[str], in_subprocess: bool, capsys) -> str:
+    """Run `python script args` (or its `cli(main)` in this process); assert exit code 2 and no
+    traceback; return stdout + stderr."""
+    if in_subprocess:
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        env.pop("FID_DEBUG", None)
+        proc = subprocess.run(
+            [sys.executable, script, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120
+        )
+        output = proc.stdout + proc.stderr
+        assert proc.returncode == 2, output[-3000:]
+    else:
+        module = importlib.import_module(Path(script).stem)
+        capsys.readouterr()
+        try:
+            cli(lambda: module.main(args))
+        except SystemExit as e:
+            code = e.code
+        except BaseException as e:  # what `python script.py` would show as a traceback
+            pytest.fail(f"{script}: {type(e).__name__} escaped cli(): {e}")
+        else:
+            code = 0
+        finally:
+            for name in ("fid", "fid.topk"):  # the scripts' handlers hold files and this test's streams
+                log = logging.getLogger(name)
+                for handler in log.handlers:
+                    handler.close()
+                log.handlers.clear()
+        captured = capsys.readouterr()
+        output = captured.out + captured.err
+        assert code == 2, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+    return output
+
+
+def fill(text: str, world: dict[str, str]) -> str:
+    """The placeholders {good}, {bad}, ... replaced (other braces are kept: messages show JSON)."""
+    for key, value in world.items():
+        text = text.replace("{" + key + "}", value)
+    return text
+
+
+def check_bad_input(script, args, fragment, in_subprocess, world, capsys, outputs=()) -> None:
+    """`outputs`: files already written by an earlier run; they must come out unchanged."""
+    sentinels = {}
+    for path in outputs:
+        path = Path(fill(path, world))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(f"earlier output {path.name}\n".encode())
+        sentinels[path] = path.read_bytes()
+    args = [fill(a, world) for a in args]
+    fragment = fill(fragment, world)
+    output = run_bad(script, args, in_subprocess, capsys)
+    lines = [line for line in output.splitlines() if found_in_order(line, fragment)]
+    assert lines, f"{fragment!r} not in:\n{output[-3000:]}"
+    for path, before in sentinels.items():
+        assert path.read_bytes() == before, f"{path} was overwritten"
+        leftovers = [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+        assert not leftovers, f"half-written files left in {path.parent}: {leftovers}"
+
+
+def with_defaults(defaults: list[str], args: list[str]) -> list[str]:
+    """The defaults, then the case's arguments (argparse: the last value of a flag wins)."""
+    return [*defaults, *args]
+
+
+# ---------------------------------------------------------------------------
+# test_reader.py
+# ---------------------------------------------------------------------------
+
+QUESTION_FILE_CASES = [  # (id, file in BAD_FILES, fragment): every script that reads question files
+    ("json-object", "object.json", "object.json: expected a JSON list of examples…found a JSON object {'data'}"),
+    ("dict-of-examples", "dict_of_examples.json", "dict_of_examples.json: expected a JSON list of examples"),
+    ("not-utf8", "not_utf8.json", "not_utf8.json, line 2: not UTF-8 text (byte 0xe9"),
+    ("not-utf8-jsonl", "not_utf8.jsonl", "not_utf8.jsonl, line 2: not UTF-8 text"),
+    ("empty-file", "empty.json", "empty.json: empty file"),
+    ("empty-jsonl", "empty.jsonl", "empty.jsonl: empty file"),
+    ("empty-list", "empty_list.json", "empty_list.json: no examples"),
+    ("truncated", "truncated.json", "truncated.json, line 2: invalid JSON…is the file truncated?"),
+    ("jsonl-line-not-object", "list_line.jsonl", "list_line.jsonl, line 1: expected an object, got list"),
+    ("no-question", "no_question.json", "no_question.json, example 1: missing or non-string 'question'"),
+    ("ctxs-not-list", "ctxs_not_list.json", "ctxs_not_list.json, example 0: 'ctxs' must be a list"),
+    ("ctx-without-text", "ctx_without_text.json", "ctx_without_text.json, example 0, ctx 1: …string 'text'"),
+    ("score-not-number", "score_not_number.json", "score_not_number.json, example 0, ctx 0: score 'high' is not a"),
+    ("score-nan", "score_nan.json", "score_nan.json, example 0, ctx 0: score 'nan' is not a finite number"),
+]
+
+
+def question_file_cases(flag: str, subprocess_ids: tuple[str, ...] = (), skip: tuple[str, ...] = ()):
+    return [
+        case(case_id, [flag, f"{{bad}}/{name}"], fragment, subprocess=case_id in subprocess_ids)
+        for case_id, name, fragment in QUESTION_FILE_CASES
+        if case_id not in skip
+    ]
+
+
+TEST_READER_DEFAULTS = [
+    "--model_path", "{t5}", "--eval_data", "{good}", "--checkpoint_dir", "{root}/runs", "--name", "scored",
+    "--n_context", "2", "--text_maxlength", "8", "--device", "cpu", "--write_results", "--write_crossattention_scores",
+]  # fmt: skip
+TEST_READER_CASES = [
+    *question_file_cases("--eval_data", subprocess_ids=("json-object", "not-utf8")),
+    case("n_context-0", ["--n_context", "0"], "argument --n_context: must be a positive integer", subprocess=True),
+    case("n_context-negative", ["--n_context", "-1"], "argument --n_context: must be a positive integer"),
+    case("text_maxlength-0", ["--text_maxlength", "0"], "argument --text_maxlength: must be a positive integer"),
+    case("batch-size-0", ["--per_gpu_batch_size", "0"], "argument --per_gpu_batch_size: must be a positive integer"),
+    case("batch-size-text", ["--per_gpu_batch_size", "two"], "argument --per_gpu_batch_size: 'two' is not an integer"),
+    case("eval_data-missing", ["--eval_data", "{bad}/nothing.json"], "nothing.json: no such file"),
+    case("model_path-empty-dir", ["--model_path", "{bad}/no_model"], "no_model: no config.json, not a T5"),
+    case("model_path-no-weights", ["--model_path", "{bad}/config_only"], "config_only: no model weights"),
+    case("model_path-bert", ["--model_path", "{bert}"], "bert: config.json is a bert model, not a T5"),
+    case("model_path-missing", ["--model_path", "{bad}/nowhere"], "reader {bad}/nowhere: no such directory"),
+    case("model_path-required", ["--model_path", "none"], "--model_path is required"),
+]
+
+
+@pytest.mark.parametrize("args, fragment, in_subprocess", TEST_READER_CASES)
+def test_test_reader_bad_inputs(world, capsys, args, fragment, in_subprocess):
+    outputs = ["{root}/runs/scored/dataset_wscores.json", "{root}/runs/scored/final_output.txt"]
+    check_bad_input(
+        "test_reader.py", with_defaults(TEST_READER_DEFAULTS, args), fragment, in_subprocess, world, capsys, outputs
+    )
+
+
+# ---------------------------------------------------------------------------
+# train_reader.py
+# ---------------------------------------------------------------------------
+
+TRAIN_READER_DEFAULTS = [
+    "--train_data", "{good}", "--eval_data", "{good}", "--model_name_or_path", "{t5}", "--checkpoint_dir",
+    "{root}/runs", "--n_context", "2", "--text_maxlength", "8", "--total_steps", "1", "--device", "cpu",
+]  # fmt: skip
+TRAIN_READER_CASES = [
+    *question_file_cases("--train_data", subprocess_ids=("ctx-without-text",)),
+    case("eval-json-object", ["--eval_data", "{bad}/object.json"], "object.json: expected a JSON list of examples"),
+    case("eval-not-utf8", ["--eval_data", "{bad}/not_utf8.json"], "not_utf8.json, line 2: not UTF-8 text"),
+    case("no-target", ["--train_data", "{bad}/no_target.json"], "no_target.json, example 0 (id q0): no 'target'"),
+    case("n_context-0", ["--n_context", "0"], "argument --n_context: must be a positive integer"),
+    case("text_maxlength-negative", ["--text_maxlength", "-5"], "argument --text_maxlength: must be a positive"),
+    case("batch-size-0", ["--per_gpu_batch_size", "0"], "argument --per_gpu_batch_size: must be a positive integer"),
+    case("total_steps-0", ["--total_steps", "0"], "argument --total_steps: must be a positive integer"),
+    case("total_steps-negative", ["--total_steps", "-1"], "argument --total_steps: must be a positive integer"),
+    case("eval_freq-0", ["--eval_freq", "0"], "argument --eval_freq: must be a positive integer"),
+    case("model_path-empty-dir", ["--model_path", "{bad}/no_model"], "no_model: no config.json, not a T5"),
+    case("model-bert", ["--model_name_or_path", "{bert}"], "bert: config.json is a bert model, not a T5"),
+]
+
+
+def check_training_bad_input(script, defaults, args, fragment, in_subprocess, world, capsys, request):
+    name = request.node.callspec.id
+    args = with_defaults(defaults, ["--name", name, *args])
+    check_bad_input(script, args, fragment, in_subprocess, world, capsys)
+    run_dir = Path(world["root"]) / "runs" / name
+    assert not (run_dir / "checkpoint").exists(), "a failed start wrote checkpoints"
+
+
+@pytest.mark.parametrize("args, fragment, in_subprocess", TRAIN_READER_CASES)
+def test_train_reader_bad_inputs(world, capsys, request, args, fragment, in_subprocess):
+    check_training_bad_input(
+        "train_reader.py", TRAIN_READER_DEFAULTS, args, fragment, in_subprocess, world, capsys, request
+    )
+
+
+# ---------------------------------------------------------------------------
+# train_retriever.py
+# ---------------------------------------------------------------------------
+
+TRAIN_RETRIEVER_DEFAULTS = [
+    "--train_data", "{good}", "--eval_data", "{good}", "--model_name_or_path", "{bert}", "--checkpoint_dir",
+    "{root}/runs", "--n_context", "2", "--indexing_dimension", "8", "--question_maxlength", "8",
+    "--passage_maxlength", "8", "--total_steps", "1", "--device", "cpu",
+]  # fmt: skip
+TRAIN_RETRIEVER_CASES = [
+    *question_file_cases("--train_data"),
+    case("no-gold-score", ["--train_data", "{bad}/no_gold_score.json"], "no_gold_score.json, example 1…no 'score'"),
+    case("n_context-0", ["--n_context", "0"], "argument --n_context: must be a positive integer", subprocess=True),
+    case("batch-size-0", ["--per_gpu_batch_size", "0"], "argument --per_gpu_batch_size: must be a positive integer"),
+    case("total_steps-0", ["--total_steps", "0"], "argument --total_steps: must be a positive integer"),
+    case("passage_maxlength-0", ["--passage_maxlength", "0"], "argument --passage_maxlength: must be a positive"),
+    case("save_freq-0", ["--save_freq", "0"], "argument --save_freq: must be a positive integer"),
+    case("model_path-empty-dir", ["--model_path", "{bad}/no_model"], "no_model: no config.json, not a retriever"),
+    case("model-t5", ["--model_name_or_path", "{t5}"], "t5: a t5 encoder-decoder model, not an encoder"),
+    case("model-missing", ["--model_name_or_path", "{bad}/nowhere"], "retriever {bad}/nowhere: no such directory"),
+]
+
+
+@pytest.mark.parametrize("args, fragment, in_subprocess", TRAIN_RETRIEVER_CASES)
+def test_train_retriever_bad_inputs(world, capsys, request, args, fragment, in_subprocess):
+    check_training_bad_input(
+        "train_retriever.py", TRAIN_RETRIEVER_DEFAULTS, args, fragment, in_subprocess, world, capsys, request
+    )
+
+
+# ---------------------------------------------------------------------------
+# generate_passage_embeddings.py
+# ---------------------------------------------------------------------------
+
+EMBEDDINGS_DEFAULTS = ["--model_path", "{retriever}", "--passages", "{psgs}", "--output_path", "{out}/wiki"]
+EMBEDDINGS_CASES = [
+    case("short-row", ["--passages", "{bad}/short_rows.tsv"], "short_rows.tsv: 1 row(s) do not parse (line 3: exp"),
+    case("no-header", ["--passages", "{bad}/no_header.tsv"], "no_header.tsv:1: header must name the columns id, te"),
+    case("empty-file", ["--passages", "{bad}/empty.tsv"], "empty.tsv:1: empty file", subprocess=True),
+    case("header-only", ["--passages", "{bad}/header_only.tsv"], "header_only.tsv: no passages"),
+    case("not-utf8", ["--passages", "{bad}/not_utf8.tsv"], "not_utf8.tsv: 1 row(s) do not parse (line 2: not valid"),
+    case("passages-missing", ["--passages", "{bad}/nothing.tsv"], "passages file not found: {bad}/nothing.tsv"),
+    case("model_path-empty-dir", ["--model_path", "{bad}/no_model"], "no_model: not a saved retriever"),
+    case("model_path-encoder", ["--model_path", "{bert}"], "bert: not a saved retriever"),
+    case("model_path-missing", ["--model_path", "{bad}/nowhere"], "nowhere: no such directory"),
+    case("batch-size-0", ["--per_gpu_batch_size", "0"], "argument --per_gpu_batch_size: must be a positive integer"),
+    case("passage_maxlength-0", ["--passage_maxlength", "0"], "argument --passage_maxlength: must be a positive"),
+    case("num_shards-0", ["--num_shards", "0"], "argument --num_shards: must be a positive integer"),
+    case("shard_id-too-big", ["--shard_id", "3", "--num_shards", "2"], "shard_id must be in [0, num_shards)"),
+]
+
+
+@pytest.mark.parametrize("args, fragment, in_subprocess", EMBEDDINGS_CASES)
+def test_generate_passage_embeddings_bad_inputs(world, capsys, args, fragment, in_subprocess):
+    args = with_defaults(EMBEDDINGS_DEFAULTS, [*args, "--device", "cpu"])
+    check_bad_input(
+        "generate_passage_embeddings.py",
+        args,
+        fragment,
+        in_subprocess,
+        world,
+        capsys,
+        outputs=["{out}/wiki_00.npz", "{out}/wiki_03.npz"],
+    )
+
+
+# ---------------------------------------------------------------------------
+# passage_retrieval.py
+# ---------------------------------------------------------------------------
+
+RETRIEVAL_DEFAULTS = [
+    "--model_path", "{retriever}", "--passages", "{psgs}", "--passages_embeddings", "{shards}", "--data", "{good}",
+    "--output_path", "{out}/retrieved.json", "--n-docs", "2", "--device", "cpu", "--validation_workers", "1",
+]  # fmt: skip
+RETRIEVAL_CASES = [
+    *question_file_cases("--data", skip=("empty-jsonl", "jsonl-line-not-object", "score-nan")),
+    case("n-docs-0", ["--n-docs", "0"], "argument --n-docs: must be a positive integer"),
+    case("n-docs-negative", ["--n-docs", "-5"], "argument --n-docs: must be a positive integer"),
+    case("batch-size-0", ["--per_gpu_batch_size", "0"], "argument --per_gpu_batch_size: must be a positive integer"),
+    case("glob-matches-nothing", ["--passages_embeddings", "{bad}/none_*"], "'{bad}/none_*' matches no embedding"),
+    case("truncated-shard", ["--passages_embeddings", "{bad}/truncated_*"], "truncated_00.npz: corrupt or trunc", True),
+    case("garbage-shard", ["--passages_embeddings", "{bad}/garbage_*"], "garbage_00.npz: not an embedding shard"),
+    case("wrong-arrays", ["--passages_embeddings", "{bad}/wrong_arrays_*"], "wrong_arrays_00.npz: not an embedding"),
+    case("short-row", ["--passages", "{bad}/short_rows.tsv"], "short_rows.tsv: 1 row(s) do not parse (line 3: exp"),
+    case("no-header", ["--passages", "{bad}/no_header.tsv"], "no_header.tsv:1: header must name the columns"),
+    case("model_path-empty-dir", ["--model_path", "{bad}/no_model"], "no_model: not a saved retriever"),
+    case("evaluate-only-not-utf8", ["--evaluate_only", "--data", "{bad}/not_utf8.json"], "not_utf8.json, line 2: not"),
+]
+
+
+@pytest.mark.parametrize("args, fragment, in_subprocess", RETRIEVAL_CASES)
+def test_passage_retrieval_bad_inputs(world, capsys, args, fragment, in_subprocess):
+    check_bad_input(
+        "passage_retrieval.py",
+        with_defaults(RETRIEVAL_DEFAULTS, args),
+        fragment,
+        in_subprocess,
+        world,
+        capsys,
+        outputs=["{out}/retrieved.json", "{out}/retrieved.json.log"],
+    )
+
+
+# ---------------------------------------------------------------------------
+# preprocess.py
+# ---------------------------------------------------------------------------
+
+PREPROCESS_CASES = [
+    case("questions-json-object", ["questions", "{bad}/object.json"], "object.json: expected a JSON list…{'data'}"),
+    case("questions-not-utf8", ["questions", "{bad}/not_utf8.json"], "not_utf8.json, line 2: not UTF-8 text"),
+    case("questions-not-utf8-jsonl", ["questions", "{bad}/not_utf8.jsonl"], "not_utf8.jsonl, line 2: not UTF-8"),
+    case("questions-not-utf8-csv", ["questions", "{bad}/not_utf8.qa.csv"], "not_utf8.qa.csv, line 2: not UTF-8"),
+    case("questions-empty", ["questions", "{bad}/empty.json"], "empty.json: empty file"),
+    case("questions-empty-jsonl", ["questions", "{bad}/empty.jsonl"], "empty.jsonl: empty file"),
+    case("questions-empty-list", ["questions", "{bad}/empty_list.json"], "empty_list.json: no records"),
+    case("questions-truncated", ["questions", "{bad}/truncated.json"], "truncated.json, line 2: invalid JSON…trunc"),
+    case("questions-no-question", ["questions", "{bad}/no_question.json"], "no_question.json, line 1: missing or"),
+    case("dpr-json-object", ["dpr", "{bad}/object.json"], "object.json: expected a JSON list…found a JSON object"),
+    case("dpr-not-utf8", ["dpr", "{bad}/not_utf8.json"], "not_utf8.json, line 2: not UTF-8 text", subprocess=True),
+    case("dpr-ctxs-not-list", ["dpr", "{bad}/dpr_ctxs_not_list.json"], "dpr_ctxs_not_list.json, line 1: no 'ctxs'"),
+    case("dpr-ctx-no-text", ["dpr", "{bad}/dpr_ctx_without_text.json"], "dpr_ctx_without_text.json, line 1, ctx 0:"),
+    case("dpr-score", ["dpr", "{bad}/dpr_score.json"], "dpr_score.json, line 1, ctx 0: score 'n/a' is not a number"),
+    case("dpr-n_docs-0", ["dpr", "{good}", "--n_docs", "0"], "argument --n_docs/--n-docs: must be a positive"),
+    case("dpr-short-row", ["dpr", "{good}", "--passages", "{bad}/short_rows.tsv"], "short_rows.tsv: 1 row(s) do no"),
+    case("dpr-no-header", ["dpr", "{good}", "--passages", "{bad}/no_header.tsv"], "no_header.tsv:1: header must"),
+    case("bm25-score", ["bm25", "--run", "{bad}/run_score.trec"], "run_score.trec, line 1: score 'high' is not a"),
+    case("bm25-run-not-utf8", ["bm25", "--run", "{bad}/run_not_utf8.trec"], "run_not_utf8.trec, line 1: not UTF-8"),
+    case("bm25-n_docs-negative", ["bm25", "--n-docs", "-3"], "argument --n_docs/--n-docs: must be a positive"),
+    case("bm25-questions-empty", ["bm25", "--questions", "{bad}/empty.jsonl"], "empty.jsonl: empty file"),
+]
+BM25_DEFAULTS = ["--run", "{run}", "--questions", "{good}", "--passages", "{psgs}", "--output", "{out}/converted.json"]
+
+
+@pytest.mark.parametrize("args, fragment, in_subprocess", PREPROCESS_CASES)
+def test_preprocess_bad_inputs(world, capsys, args, fragment, in_subprocess):
+    mode, *rest = args
+    if mode == "bm25":
+        args = [mode, *BM25_DEFAULTS, *rest]
+    else:  # MODE INPUT OUTPUT [flags]
+        args = [mode, rest[0], "{out}/converted.json", *rest[1:]]
+    check_bad_input("preprocess.py", args, fragment, in_subprocess, world, capsys, outputs=["{out}/converted.json"])
