@@ -1,4 +1,4 @@
-"""Embed one shard of the passages with a trained retriever (SPEC §6).
+"""Embed one shard of the passages with a trained retriever (README "5. Retrieve").
 
     python generate_passage_embeddings.py --model_path <retriever_dir> --passages psgs_w100.tsv \
         --output_path wikipedia_embeddings/wiki --shard_id 0 --num_shards 10 --per_gpu_batch_size 500
@@ -16,11 +16,13 @@ import time
 import torch
 from tqdm import tqdm
 
-from src.data import DataError, format_passage
-from src.embedding import embed_texts, load_retriever, pools_over_padding, shard_path, shard_range, write_shard
+from src.cli import cli, init_logger
+from src.datasets import format_passage
+from src.embedding import embed_texts, pools_over_padding, shard_path, shard_range, write_shard
+from src.errors import DataError, PassageFileError
 from src.options import Options
-from src.passages import PassageFileError, PassageStore
-from src.util import cli, init_logger
+from src.passages import PassageStore
+from src.retriever import load_retriever
 
 
 def get_options(argv=None):
@@ -65,7 +67,8 @@ def main(argv=None) -> None:
         output,
     )
 
-    model, tokenizer = load_retriever(opt.model_path, opt.tokenizer_name_or_path, device)
+    model, tokenizer = load_retriever(opt.model_path, opt, logger, trained=True)
+    model = model.eval().to(device)
     fp16 = device.type == "cuda" and not opt.no_fp16
     fixed_padding = opt.no_sort_by_length or pools_over_padding(model, "passage")
     logger.info(

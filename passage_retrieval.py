@@ -1,4 +1,4 @@
-"""Retrieve passages for every question with a trained retriever and a FAISS index (SPEC §6).
+"""Retrieve passages for every question with a trained retriever and a FAISS index (README "5. Retrieve").
 
     python passage_retrieval.py --model_path <retriever_dir> --passages psgs_w100.tsv \
         --data_path data.json --passages_embeddings "wikipedia_embeddings/wiki_*" \
@@ -25,20 +25,16 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from src.data import DataError, format_question, load_questions, write_questions
-from src.embedding import (
-    EmbeddingFileError,
-    check_shard,
-    embed_texts,
-    load_retriever,
-    pools_over_padding,
-    read_shard,
-)
+from src.cli import cli, init_logger
+from src.datasets import format_question
+from src.embedding import check_shard, embed_texts, pools_over_padding, read_shard
+from src.errors import DataError, EmbeddingFileError, PassageFileError
 from src.evaluation import retrieval_hits, top_k_accuracy
 from src.index import INDEX_FILE, Indexer
 from src.options import Options
-from src.passages import PassageFileError, PassageStore
-from src.util import cli, init_logger
+from src.passages import PassageStore
+from src.questions import load_questions, write_questions
+from src.retriever import load_retriever
 
 REPORTED_K = (1, 5, 20, 100)
 
@@ -230,7 +226,8 @@ def main(argv=None) -> None:
     files = embedding_files(opt.passages_embeddings, opt.allow_pickle_embeddings)
 
     device = torch.device(opt.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, tokenizer = load_retriever(opt.model_path, opt.tokenizer_name_or_path, device)
+    model, tokenizer = load_retriever(opt.model_path, opt, logger, trained=True)
+    model = model.eval().to(device)
     fp16 = device.type == "cuda" and not opt.no_fp16
     with tqdm(total=len(examples), desc="embedding questions", unit="q") as bar:
         questions = embed_texts(

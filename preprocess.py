@@ -1,4 +1,4 @@
-"""Turn public QA files into our question format (SPEC §2).
+"""Turn public QA files into our question format (README "Question format").
 
 Four modes, one per way people arrive:
 
@@ -30,10 +30,11 @@ from typing import Any
 
 from tqdm import tqdm
 
-from src.data import DataError, json_error, parse_score, utf8_error, write_questions
+from src.cli import cli, init_logger
+from src.errors import DataError, PassageFileError
 from src.evaluation import has_answer
-from src.passages import PassageFileError, PassageStore
-from src.util import cli, init_logger
+from src.passages import PassageStore
+from src.questions import json_error, parse_score, utf8_error, write_questions
 
 logger = logging.getLogger("fid")
 
@@ -672,7 +673,7 @@ def run_bm25(args: argparse.Namespace) -> None:
                 if passage is None:
                     continue
                 ctx = {**passage, "score": score}
-                if example.get("answers"):  # DPR's rule (SPEC §6), as passage_retrieval.py
+                if example.get("answers"):  # DPR's rule, as passage_retrieval.py
                     ctx["hasanswer"] = bool(has_answer(example["answers"], passage["text"]))
                 ctxs.append(ctx)
             yield {**example, "ctxs": ctxs}

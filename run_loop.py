@@ -302,7 +302,7 @@ def top_ctxs(src: Path, dst: Path, n: int) -> Path:
     retriever scores in dataset_wscores.json, and train_retriever.py, which sorts ctxs
     by score, would mix the two scales. So every file the reader reads holds exactly
     the passages it reads."""
-    from src.data import write_questions
+    from src.questions import write_questions
 
     questions = load(src)
     if all(len(q.get("ctxs") or []) <= n for q in questions):
@@ -315,7 +315,7 @@ def top_ctxs(src: Path, dst: Path, n: int) -> Path:
 
 
 def load(path: Path) -> list[dict]:
-    from src.data import load_questions
+    from src.questions import load_questions
 
     return load_questions(path)
 
@@ -377,7 +377,7 @@ def ctxs_topk(questions: list[dict], ks=KS) -> dict[int, float]:
 def make_toy(opt, run_dir: Path) -> None:
     """Toy world, BM25 ctxs and tiny starting models, written into the run directory."""
     from src import toy
-    from src.data import write_questions
+    from src.questions import write_questions
 
     data = run_dir / "data"
     data.mkdir(parents=True, exist_ok=True)
@@ -506,7 +506,7 @@ def main(argv: list[str] | None = None) -> Path:
         "options": {k: v for k, v in vars(opt).items()},
     }
     # report.json is the list of rounds the issue asks for; the rest goes beside it.
-    from src.util import atomic_write
+    from src.files import atomic_write
 
     with atomic_write(run_dir / "report.json") as f:
         json.dump(rounds, f, indent=1)

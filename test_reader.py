@@ -14,11 +14,16 @@ see, keep their old score as 'retriever_score'.
 from __future__ import annotations
 
 from src import dist
-from src.data import ReaderCollator, ReaderDataset, load_questions, write_questions
-from src.model import FiDT5
+from src.cli import cli, start_run
+from src.datasets import ReaderCollator, ReaderDataset
+from src.files import atomic_write
 from src.options import Options
-from src.reader import exact_match, generate_answers, load_tokenizer, tokenizer_source
-from src.util import atomic_write, cli
+from src.questions import load_questions, write_questions
+from src.reader import exact_match, generate_answers, load_reader
+from src.scores import attach_scores
+
+# Shared option groups: accepted (the original's scripts shared them), unused here.
+IGNORED = ("train_data", "use_checkpoint", "answer_maxlength", "eval_freq", "save_freq")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -29,13 +34,12 @@ def main(argv: list[str] | None = None) -> None:
     if opt.model_path == "none":
         options.parser.error("--model_path is required (a reader checkpoint directory)")
     # The data is checked before the run directory is touched and before a large model loads.
-    examples = load_questions(opt.eval_data, opt.maxload)
-    run_dir, logger = dist.start_run(opt)
+    examples = load_questions(opt.eval_data, opt.maxload, rank=True)
+    run_dir, logger = start_run(opt, ignored=IGNORED)
 
     dataset = ReaderDataset(examples, opt.n_context, opt.no_title, source=opt.eval_data)
-    # The model first: a --model_path without a model says so, not that its tokenizer is missing.
-    model = FiDT5.load(opt.model_path, logger=logger).to(opt.device)
-    tokenizer = load_tokenizer(tokenizer_source(opt, opt.model_path))
+    model, tokenizer = load_reader(opt.model_path, opt, logger)
+    model = model.to(opt.device)
     collator = ReaderCollator(tokenizer, opt.text_maxlength, opt.n_context)
     logger.info("evaluating %s: %d examples, %d processes", opt.eval_data, len(examples), opt.world_size)
 
@@ -56,14 +60,7 @@ def main(argv: list[str] | None = None) -> None:
             logger.info("answers written to %s", run_dir / "final_output.txt")
         if opt.write_crossattention_scores:
             for r in results:
-                ctxs = examples[r["index"]].get("ctxs") or []
-                for ctx, score in zip(ctxs, r["scores"]):
-                    ctx["score"] = score
-                # ctxs the reader did not see keep their retriever score under another name,
-                # so that `score` is the reader's everywhere (train_retriever.py's gold).
-                for ctx in ctxs[len(r["scores"]) :]:
-                    if "score" in ctx:
-                        ctx["retriever_score"] = ctx.pop("score")
+                attach_scores(examples[r["index"]], r["scores"], opt.n_context)
             write_questions(run_dir / "dataset_wscores.json", examples)
             logger.info("cross-attention scores written to %s", run_dir / "dataset_wscores.json")
     dist.barrier()

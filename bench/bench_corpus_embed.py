@@ -24,7 +24,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from src.embedding import embed_texts  # noqa: E402
-from src.model import Retriever, RetrieverConfig  # noqa: E402
+from src.retriever_model import Retriever, RetrieverConfig  # noqa: E402
 from src.tiny import build_word_tokenizer, tiny_bert_config  # noqa: E402
 
 

@@ -28,7 +28,8 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from src.model import FiDT5  # noqa: E402
+from src.reader_model import FiDT5  # noqa: E402
+from src.scores import generate_with_scores
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -168,7 +169,7 @@ def bench_generate(model: FiDT5, args) -> None:
         return model.generate(ids, mask, **kwargs)
 
     def scored():
-        return model.generate_with_scores(ids, mask, **kwargs)[0]
+        return generate_with_scores(model, ids, mask, **kwargs)[0]
 
     with autocast(args):
         assert torch.equal(plain(), scored()), "score capture changed the generated ids"

@@ -1,4 +1,4 @@
-"""Checkpoints: save, find the newest, resume (SPEC §2 run directory, §8 resume).
+"""Checkpoints: save, find the newest, resume (README "Run directory", Resuming).
 
 A checkpoint is a `save_pretrained` directory (model + tokenizer) plus
 `training_state.pt` (optimizer, scheduler, step, best metric, RNG states of every
@@ -176,7 +176,7 @@ def load_training_state(ckpt_dir: str | Path, optimizer=None, scheduler=None) ->
 
 
 def start_point(opt, run_dir: str | Path, default_model: str) -> tuple[str, Path | None]:
-    """(weights to load, checkpoint to resume or None) for a training run (SPEC §8).
+    """(weights to load, checkpoint to resume or None) for a training run (README "Run directory", Resuming).
 
     A run directory holding `latest` resumes it, unless `--model_path` names other weights
     than the run started from: then those win, with a fresh optimizer (and a warning, since

@@ -1,4 +1,4 @@
-"""Process groups and collective helpers (SPEC §9).
+"""Process groups and collective helpers (README "Distributed training and evaluation").
 
 One init for a single process, `torchrun` (RANK / LOCAL_RANK / WORLD_SIZE) and SLURM
 `srun` (SLURM_* variables). NCCL on GPU, gloo on CPU, so every distributed path runs
@@ -165,26 +165,3 @@ def destroy() -> None:
     if is_distributed():
         dist.destroy_process_group()
     runlock.release()
-
-
-def start_run(opt, lock: bool = False):
-    """The start of every training/evaluation script: process group, seed (offset by rank so
-    ranks draw different dropout), run directory `checkpoint_dir/name`, logger (run.log on
-    rank 0), and the options saved as opt.log / options.json. Returns (run_dir, logger).
-
-    With `lock` (training), global rank 0 first takes the run directory's lock, so a second
-    run on the same directory stops before it touches anything (see runlock.py)."""
-    from pathlib import Path
-
-    from .options import save_options
-    from .util import init_logger, set_seed
-
-    if lock and int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
-        runlock.acquire(Path(opt.checkpoint_dir) / opt.name)
-    init_distributed(opt)
-    set_seed(opt.seed + opt.rank)
-    run_dir = Path(opt.checkpoint_dir) / opt.name
-    log = init_logger(run_dir, opt.is_main)
-    if opt.is_main:
-        save_options(opt, run_dir)
-    return run_dir, log

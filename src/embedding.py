@@ -27,15 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .util import atomic_write
+from .errors import EmbeddingFileError
+from .files import atomic_write
 
 logger = logging.getLogger("fid.embedding")  # a child of the scripts' "fid" logger
 
 SHARD_SUFFIX = ".npz"
-
-
-class EmbeddingFileError(ValueError):
-    """An embedding shard that cannot be read; the message names the file."""
 
 
 def _chunks(items: Iterable, size: int) -> Iterator[list]:
@@ -97,28 +94,6 @@ def embed_texts(
     if not outputs:
         return np.zeros((0, 0), dtype=np.float32)
     return np.concatenate(outputs) if len(outputs) > 1 else outputs[0]
-
-
-def load_retriever(model_path: str, tokenizer_path: str | None, device: torch.device | str):
-    """A retriever saved by train_retriever.py (`Retriever.save_pretrained`) and its
-    tokenizer (from the same directory unless `tokenizer_path`), in eval mode on `device`."""
-    from transformers import AutoTokenizer
-
-    from .model import Retriever, is_saved_retriever
-
-    if not os.path.exists(model_path):
-        raise FileNotFoundError(
-            f"--model_path {model_path}: no such directory (a retriever saved by train_retriever.py)"
-        )
-    if not is_saved_retriever(model_path):
-        raise FileNotFoundError(
-            f"--model_path {model_path}: not a saved retriever (a directory written by train_retriever.py, "
-            "with a config.json of model_type fid_retriever)"
-        )
-    model = Retriever.from_pretrained(model_path, dtype=torch.float32)
-    model.eval().to(device)
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_path or model_path)
-    return model, tokenizer
 
 
 def pools_over_padding(model, side: str) -> bool:

@@ -1,5 +1,5 @@
-"""Metrics as pure functions: reader EM (SPEC §7), DPR hasanswer and top-k accuracy
-(SPEC §6), retriever ranking metrics (SPEC §5)."""
+"""Metrics as pure functions: reader EM (paper [1]), DPR hasanswer and top-k accuracy
+(README "5. Retrieve"), retriever ranking metrics (paper [2])."""
 
 from __future__ import annotations
 
@@ -143,7 +143,7 @@ def gold_ranks_of_predicted(pred_scores, gold_scores) -> np.ndarray:
 
 
 def question_ranking_metrics(pred_scores, gold_scores, ks=(1, 2, 5)) -> dict[str, float]:
-    """Ranking metrics of one question's N passages (paper [2], SPEC §5).
+    """Ranking metrics of one question's N passages (paper [2], §4).
 
     - `inversions`: pairs of passages that the predicted order puts the other way
       round from the gold order.

@@ -20,7 +20,7 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from .util import atomic_write
+from .files import atomic_write
 
 logger = logging.getLogger("fid.index")  # a child of the scripts' "fid" logger
 

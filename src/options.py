@@ -1,8 +1,10 @@
-"""Every command-line flag, grouped as in the original FiD (SPEC §8).
+"""Every command-line flag, grouped as in the original FiD (README "The scripts").
 
 Scripts pick the groups they need; `save_options` writes the parsed options as plain
 JSON (never a pickled argparse object) and a readable `opt.log` marking non-defaults.
-This module reads no files and does not touch torch.
+The choices of `--score_kind` and `--retriever_loss` are the names in their registries
+(scores.py, losses.py). A script that accepts a shared flag it does not use names it
+in `ignored_flags`, which warns when the user sets it.
 """
 
 from __future__ import annotations
@@ -11,6 +13,10 @@ import argparse
 import json
 from pathlib import Path
 from typing import Any
+
+from .files import atomic_write
+from .losses import LOSSES
+from .scores import SCORE_KINDS
 
 
 def positive_int(text: str) -> int:
@@ -113,6 +119,13 @@ class Options:
             help="training loss: the other questions' passages in the batch (same process) join each question's "
             "softmax with gold probability 0 (not in the papers; the dev loss never uses them)",
         )
+        g.add_argument(
+            "--retriever_loss",
+            choices=list(LOSSES),
+            default="kl",
+            help="how the retriever learns from the reader's scores: "
+            + "; ".join(f"{name}: {(fn.__doc__ or '').strip().splitlines()[0]}" for name, fn in LOSSES.items()),
+        )
 
     def add_optim_options(self) -> None:
         g = self.parser.add_argument_group("optimisation")
@@ -152,8 +165,9 @@ class Options:
             "--score_kind",
             type=str,
             default="xattn",
-            choices=["xattn", "xattn_softmax", "xattn_all_tokens", "xattn_value_norm"],
-            help="cross-attention score variant (paper [2]); xattn = first token, pre-softmax",
+            choices=list(SCORE_KINDS),
+            help="passage score written with --write_crossattention_scores: "
+            + "; ".join(f"{k.name}: {k.help}" for k in SCORE_KINDS.values()),
         )
 
     def add_embedding_options(self) -> None:
@@ -190,6 +204,12 @@ class Options:
         return opt
 
 
+def ignored_flags(opt: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
+    """Those of `names` that the user set to something other than their default."""
+    defaults = getattr(opt, "_defaults", {})
+    return [n for n in names if n in defaults and getattr(opt, n) != defaults[n]]
+
+
 def options_dict(opt: argparse.Namespace) -> dict[str, Any]:
     """The options as plain JSON-able data (what checkpoints and opt.log store)."""
     out = {}
@@ -216,8 +236,6 @@ def format_options(opt: argparse.Namespace) -> str:
 
 def save_options(opt: argparse.Namespace, run_dir: str | Path) -> None:
     """opt.log (readable, non-defaults marked) and options.json (plain data) in the run directory."""
-    from .util import atomic_write  # util imports no torch at module level either
-
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with atomic_write(run_dir / "opt.log") as f:

@@ -3,7 +3,7 @@
 The file is never loaded: one pass records where each row starts and how long it is,
 plus its id, in numpy arrays (12 bytes per passage for DPR's integer ids, instead of
 ~1 KB of Python objects), and that index is cached next to the file. A lookup reads one row from
-disk and parses it. Fix of the original, which built a dict of 21M tuples (SPEC §2).
+disk and parses it. Fix of the original, which built a dict of 21M tuples.
 
 File format: a header naming the columns `id`, `text`, `title` (any order, DPR writes
 `id\\ttext\\ttitle`), then one passage per row, tab-separated, with the csv quoting
@@ -23,7 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .util import atomic_write
+from .errors import PassageFileError
+from .files import atomic_write
 
 logger = logging.getLogger("fid.passages")  # a child of the scripts' "fid" logger
 
@@ -32,10 +33,6 @@ REQUIRED_COLUMNS = ("id", "text", "title")
 MAX_ROW_LINES = 100  # a quoted field may span lines; a runaway quote stops here
 MAX_REPORTED_ERRORS = 100
 _ID_PREFIX = "wiki:"  # DPR's retrieval files sometimes prefix passage ids with it
-
-
-class PassageFileError(ValueError):
-    """A passages file that cannot be used; the message names the file and line."""
 
 
 def _parse_row(raw: bytes, n_columns: int) -> list[str]:

@@ -1,4 +1,5 @@
-"""What a reader step and a reader evaluation are, shared by train_reader.py and test_reader.py.
+"""The reader side of paper [1]: loading, the training loss step, evaluation (answers and
+passage scores), and the `Task` that train_reader.py hands to the trainer. Mirrors retriever.py.
 
 Evaluation splits the examples across ranks (rank r takes every world_size-th one),
 generates answers (and optionally cross-attention scores), and gathers everything on
@@ -14,11 +15,15 @@ from typing import Any
 
 import torch
 from tqdm.auto import tqdm
+from transformers import AutoTokenizer
 
 from . import dist
-from .data import ReaderCollator, ReaderDataset
+from .datasets import ReaderCollator, ReaderDataset
+from .devices import autocast
 from .evaluation import ems
-from .util import autocast
+from .reader_model import FiDT5
+from .scores import generate_with_scores
+from .trainer import Task
 
 logger = logging.getLogger("fid")
 
@@ -42,19 +47,23 @@ def tokenizer_source(opt, model_dir: str | Path | None) -> str:
 
 
 def load_tokenizer(source: str):
-    from transformers import AutoTokenizer
-
     return AutoTokenizer.from_pretrained(source)
+
+
+def load_reader(model_dir: str, opt, log: logging.Logger = logger):
+    """(reader, tokenizer): the model first, so that a directory without one says so rather
+    than that its tokenizer is missing."""
+    model = FiDT5.load(model_dir, logger=log)
+    return model, load_tokenizer(tokenizer_source(opt, model_dir))
 
 
 def reader_loss(model, batch) -> torch.Tensor:
     """Teacher-forced token cross-entropy of one collated batch."""
-    _, labels, _, context_ids, context_mask = batch
     device = next(model.parameters()).device
     out = model(
-        input_ids=context_ids.to(device),
-        attention_mask=context_mask.to(device),
-        labels=labels.to(device),
+        input_ids=batch.context_ids.to(device),
+        attention_mask=batch.context_mask.to(device),
+        labels=batch.labels.to(device),
     )
     return out.loss
 
@@ -85,13 +94,13 @@ def generate_answers(
     )
     results = []
     bar = tqdm(loader, desc=desc, disable=not dist.is_main(), dynamic_ncols=True)
-    for i, (index, _, _, context_ids, context_mask) in enumerate(bar):
-        context_ids, context_mask = context_ids.to(device), context_mask.to(device)
+    for i, batch in enumerate(bar):
+        index, context_ids, context_mask = batch.index, batch.context_ids.to(device), batch.context_mask.to(device)
         kwargs = {"max_length": opt.generation_max_length, "num_beams": getattr(opt, "num_beams", 1)}
         with autocast(opt):
             if with_scores:
-                generated, scores = model.generate_with_scores(
-                    context_ids, context_mask, score_kind=getattr(opt, "score_kind", "xattn"), **kwargs
+                generated, scores = generate_with_scores(
+                    model, context_ids, context_mask, score_kind=getattr(opt, "score_kind", "xattn"), **kwargs
                 )
             else:
                 generated = model.generate(input_ids=context_ids, attention_mask=context_mask, **kwargs)
@@ -115,3 +124,18 @@ def exact_match(results: list[dict[str, Any]], examples: list[dict[str, Any]]) -
     if not scores:
         return None, 0
     return sum(scores) / len(scores), len(scores)
+
+
+def reader_task(opt, tokenizer, train_dataset: ReaderDataset, eval_dataset: ReaderDataset) -> Task:
+    """What train_reader.py trains: best_dev by dev exact match (greedy answers)."""
+    # Evaluation sees no target (it generates), so the label length is irrelevant there.
+    collator = ReaderCollator(tokenizer, opt.text_maxlength, opt.n_context, opt.answer_maxlength)
+
+    def dev_metrics(model) -> dict[str, float]:
+        if not len(eval_dataset):
+            return {}
+        results = generate_answers(model, tokenizer, eval_dataset, collator, opt, desc="dev")
+        em, _ = exact_match(results, eval_dataset.examples)
+        return {} if em is None else {"exact_match": em}
+
+    return Task(train_dataset, collator, reader_loss, dev_metrics, metric="exact_match", higher_is_better=True)

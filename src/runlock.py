@@ -18,13 +18,11 @@ import sys
 import time
 from pathlib import Path
 
+from .errors import RunDirectoryBusy
+
 LOCK_FILE = "run.lock"
 
 _held: dict[Path, int] = {}  # run_dir → open file descriptor holding the lock
-
-
-class RunDirectoryBusy(RuntimeError):
-    """Another live process holds the run directory."""
 
 
 def acquire(run_dir: str | Path) -> None:

@@ -29,6 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
+from .evaluation import has_answer
+from .retriever_model import Retriever
+from .tiny import build_word_tokenizer, save_tiny_bert, tiny_t5_config
+
 # ---------------------------------------------------------------------------
 # The world: entities, attributes, passages, questions
 # ---------------------------------------------------------------------------
@@ -230,8 +234,6 @@ def add_bm25_ctxs(questions: list[dict], passages: list[dict], n_docs: int, bm25
 def _default_has_answer(answers: list[str], text: str) -> bool:
     """DPR convention (answer tokens contiguous in the passage text; the title is not searched)."""
     try:  # the DPR convention lives in src/evaluation.py (corpus helper's section)
-        from src.evaluation import has_answer
-
         return bool(has_answer(answers, text))
     except ImportError:
         words = " ".join(bm25_tokens(text))
@@ -424,8 +426,6 @@ def build_reader(
     import torch
     from transformers import T5ForConditionalGeneration
 
-    from .tiny import build_word_tokenizer, tiny_t5_config
-
     path = Path(path)
     tokenizer = build_word_tokenizer(world.texts(), "t5")
     torch.manual_seed(seed)
@@ -447,9 +447,6 @@ def build_retriever(
     import tempfile
 
     import torch
-
-    from .model import Retriever
-    from .tiny import save_tiny_bert
 
     path = Path(path)
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,4 +1,4 @@
-"""The one training loop, shared by the reader and the retriever (README "Training").
+"""The one training loop, shared by the reader and the retriever (README "Run directory").
 
 It knows nothing about readers or retrievers: a script hands it a `Task` (dataset,
 collator, `loss(model, batch)`, `evaluate(model) -> {metric: value}` and the metric that
@@ -25,7 +25,8 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from . import checkpoint, dist
-from .util import autocast, set_optim
+from .devices import autocast
+from .optim import set_optim
 
 
 class EpochSampler(Sampler[int]):

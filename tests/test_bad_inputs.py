@@ -24,10 +24,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from src.cli import cli
 from src.embedding import write_shard
-from src.model import Retriever
+from src.retriever_model import Retriever
 from src.tiny import save_tiny_bert, save_tiny_t5
-from src.util import cli
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "what color does anna boris like red blue green title context question".split()

@@ -11,10 +11,11 @@ import torch
 
 import generate_passage_embeddings
 import passage_retrieval
-from src.data import format_passage, format_question, load_questions
+from src.datasets import format_passage, format_question
 from src.embedding import embed_texts, read_shard, write_shard
-from src.model import Retriever
 from src.passages import PassageStore
+from src.questions import load_questions
+from src.retriever_model import Retriever
 from src.tiny import save_tiny_bert
 
 ROOT = Path(__file__).resolve().parent.parent

@@ -5,7 +5,8 @@ import pickle
 import numpy as np
 import pytest
 
-from src.embedding import EmbeddingFileError, read_shard, shard_path, shard_range, write_shard
+from src.embedding import read_shard, shard_path, shard_range, write_shard
+from src.errors import EmbeddingFileError
 from src.index import IDS_FILE, INDEX_FILE, Indexer
 
 

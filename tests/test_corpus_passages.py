@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from src.passages import PassageFileError, PassageStore
+from src.errors import PassageFileError
+from src.passages import PassageStore
 
 DATA = Path(__file__).parent / "data" / "corpus"
 

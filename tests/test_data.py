@@ -6,17 +6,9 @@ import math
 import pytest
 from transformers import AutoTokenizer
 
-from src.data import (
-    DataError,
-    ReaderCollator,
-    ReaderDataset,
-    RetrieverCollator,
-    RetrieverDataset,
-    encode_targets,
-    load_questions,
-    require_targets,
-    write_questions,
-)
+from src.datasets import ReaderCollator, ReaderDataset, RetrieverCollator, RetrieverDataset, encode_targets
+from src.errors import DataError
+from src.questions import load_questions, require_targets, write_questions
 from src.tiny import build_word_tokenizer
 
 
@@ -28,34 +20,34 @@ def parity_tokenizer(parity_dir):
 def test_collator_matches_original_inputs(parity_dir, parity_tokenizer):
     """Passages without special tokens, targets with exactly one </s>: the ids of inputs.json."""
     expected = json.loads((parity_dir / "inputs.json").read_text())
-    examples = load_questions(parity_dir / "data.json")
+    examples = load_questions(parity_dir / "data.json", rank=True)
     dataset = ReaderDataset(examples, n_context=3)
     collator = ReaderCollator(parity_tokenizer, text_maxlength=24, n_context=3)
-    index, labels, label_mask, ids, mask = collator([dataset[i] for i in range(len(dataset))])
+    index, labels, ids, mask = collator([dataset[i] for i in range(len(dataset))])
     assert ids.shape == (6, 3, 24)
     for b, ex in enumerate(expected["examples"]):
         assert dataset[b]["passages"] == ex["passage_strings"]
         assert ids[b].tolist() == ex["input_ids"]
         assert mask[b].tolist() == ex["attention_mask"]
         assert labels[b].tolist() == ex["labels"]
-        assert labels[b][label_mask[b].bool()].tolist() == ex["labels_unpadded"]
+        assert labels[b][labels[b] != -100].tolist() == ex["labels_unpadded"]
     # The tokenizer itself appends </s>; the collator must not add a second one.
     assert parity_tokenizer("paris")["input_ids"][-1] == parity_tokenizer.eos_token_id
     assert (labels == parity_tokenizer.eos_token_id).sum() == 6
 
 
 def test_answer_maxlength_pads_and_truncates(parity_tokenizer):
-    labels, mask = encode_targets(parity_tokenizer, ["the old king", "paris"], answer_maxlength=3)
+    labels = encode_targets(parity_tokenizer, ["the old king", "paris"], answer_maxlength=3)
     assert labels.shape == (2, 3)
     assert labels[1].tolist()[:2] == [25, 1] and labels[1, 2] == -100
-    assert mask.tolist() == [[1, 1, 1], [1, 1, 0]]
+    assert (labels != -100).long().tolist() == [[1, 1, 1], [1, 1, 0]]
 
 
 def test_missing_passages_are_fully_masked(parity_dir, parity_tokenizer):
-    examples = load_questions(parity_dir / "data.json")
+    examples = load_questions(parity_dir / "data.json", rank=True)
     examples[0]["ctxs"] = examples[0]["ctxs"][:1]
     dataset = ReaderDataset(examples, n_context=3)
-    _, _, _, ids, mask = ReaderCollator(parity_tokenizer, 24, 3)([dataset[0]])
+    _, _, ids, mask = ReaderCollator(parity_tokenizer, 24, 3)([dataset[0]])
     assert mask[0, 0].sum() > 0
     assert mask[0, 1:].sum() == 0 and (ids[0, 1:] == parity_tokenizer.pad_token_id).all()
 
@@ -64,10 +56,10 @@ def test_ctxs_sorted_by_numeric_or_string_score(tmp_path):
     path = tmp_path / "q.jsonl"
     ctxs = [{"title": "a", "text": "x", "score": "1.5"}, {"title": "b", "text": "y", "score": 7}]
     path.write_text(json.dumps({"question": "q?", "answers": ["x"], "ctxs": ctxs}) + "\n")
-    examples = load_questions(path)
+    examples = load_questions(path, rank=True)  # ranks the ctxs, once
     assert examples[0]["id"] == 0  # default id: position in the file
-    ReaderDataset(examples, n_context=2)
     assert [c["title"] for c in examples[0]["ctxs"]] == ["b", "a"]
+    assert ReaderDataset(examples, n_context=1)[0]["passages"] == ["question: q? title: b context: y"]
 
 
 def test_random_target_depends_on_seed_epoch_index():

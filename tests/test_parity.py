@@ -10,7 +10,10 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast, T5ForConditionalGeneration
 
-from src.model import LEGACY_XATTN_BIAS_KEY, FiDT5, main
+from src.convert import main
+from src.legacy import LEGACY_XATTN_BIAS_KEY
+from src.reader_model import FiDT5
+from src.scores import generate_with_scores
 
 MAX_LENGTH = 20  # the original's generate(max_length=20): start token included
 SCORE_TOL = 5e-5
@@ -99,7 +102,7 @@ def test_legacy_bias_rows_follow_the_decoding_step_with_and_without_cache(parity
 
 def test_scores_equal_the_original(parity_dir, expected, batch, tokenizer):
     ids, mask, _, _ = batch
-    generated, scores = load_original(parity_dir).generate_with_scores(ids, mask, max_length=MAX_LENGTH)
+    generated, scores = generate_with_scores(load_original(parity_dir), ids, mask, max_length=MAX_LENGTH)
     torch.testing.assert_close(scores, torch.tensor(expected["score_path"]["passage_scores"]), atol=SCORE_TOL, rtol=0)
     # Our score capture does not change generation: the answers are plain_path's (the
     # original's score hook changed them, see the README; released numbers are plain_path).
@@ -137,7 +140,7 @@ def test_plain_modern_t5_of_the_same_weights(parity_dir, expected, batch, tmp_pa
     # with 3.0.2's arithmetic.
     assert each == pytest.approx(diagnostic["per_example"], abs=2 * LOSS_TOL)
     ids, mask, _, _ = batch
-    generated, scores = plain.generate_with_scores(ids, mask, max_length=MAX_LENGTH)
+    generated, scores = generate_with_scores(plain, ids, mask, max_length=MAX_LENGTH)
     shift = expected["legacy_xattn_bias"]["bucket0_mean_over_heads"]
     original = torch.tensor(expected["score_path"]["passage_scores"])
     torch.testing.assert_close(scores + shift, original, atol=SCORE_TOL, rtol=0)
@@ -159,7 +162,7 @@ def test_save_and_reload_keep_the_legacy_bias(parity_dir, expected, batch, tmp_p
     assert total == pytest.approx(expected["train_loss"]["batch"], abs=LOSS_TOL)
     assert each == pytest.approx(expected["train_loss"]["per_example"], abs=LOSS_TOL)
     ids, mask, _, _ = batch
-    generated, scores = reloaded.generate_with_scores(ids, mask, max_length=MAX_LENGTH)
+    generated, scores = generate_with_scores(reloaded, ids, mask, max_length=MAX_LENGTH)
     assert padded(generated) == expected["plain_path"]["generated_ids"]
     torch.testing.assert_close(scores, torch.tensor(expected["score_path"]["passage_scores"]), atol=SCORE_TOL, rtol=0)
 

@@ -22,7 +22,9 @@ from pathlib import Path
 import pytest
 
 import preprocess
-from src.data import DataError, ReaderCollator, ReaderDataset, load_questions
+from src.datasets import ReaderCollator, ReaderDataset
+from src.errors import DataError
+from src.questions import load_questions
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data" / "preprocess"
@@ -262,8 +264,7 @@ def test_dpr_round_trip_keeps_ranking_and_hasanswer(tmp_path):
     assert [json.loads(line) for line in open(second)] == ours
 
     raw = load_json(DPR_FILE)
-    examples = load_questions(first)
-    ReaderDataset(examples, n_context=4)  # sorts ctxs by score: DPR's order must survive
+    examples = load_questions(first, rank=True)  # sorts ctxs by score: DPR's order must survive
     for r, ex in zip(raw, examples):
         assert [c["id"] for c in ex["ctxs"]] == [c["id"].removeprefix("wiki:") for c in r["ctxs"]]
         assert [c["hasanswer"] for c in ex["ctxs"]] == [c["has_answer"] for c in r["ctxs"]]
@@ -521,7 +522,7 @@ def test_converted_files_feed_the_reader(tmp_path, passages):
     for path in (tmp_path / "out" / "NQ" / "train.json", tmp_path / "bm25-trec.json"):
         examples = load_questions(path)
         dataset = ReaderDataset(examples, n_context=3)
-        index, labels, label_mask, ids, mask = collator([dataset[i] for i in range(4)])
+        index, labels, ids, mask = collator([dataset[i] for i in range(4)])
         assert ids.shape == mask.shape == (4, 3, 24)
         assert labels is not None and labels.shape[0] == 4
         assert mask[:, :, 0].all()  # every example has 3 real passages
@@ -536,8 +537,8 @@ def test_converted_files_feed_passage_retrieval(tmp_path, passages):
 
     import generate_passage_embeddings
     import passage_retrieval
-    from src.data import format_passage
-    from src.model import Retriever
+    from src.datasets import format_passage
+    from src.retriever_model import Retriever
     from src.tiny import save_tiny_bert
 
     questions = tmp_path / "questions.json"
@@ -569,7 +570,7 @@ def test_converted_files_feed_passage_retrieval(tmp_path, passages):
             (c["title"], c["text"]) == PASSAGES[c["id"]] and isinstance(c["hasanswer"], bool) for c in ex["ctxs"]
         )
 
-    # DPR's own has_answer flags agree with the recomputed ones (SPEC §6 rule).
+    # DPR's own has_answer flags agree with the recomputed ones (DPR's rule).
     ours, rescored = tmp_path / "dpr.json", tmp_path / "dpr-rescored.json"
     preprocess.main(["dpr", str(DPR_FILE), str(ours)])
     passage_retrieval.main(["--evaluate_only", "--data", str(ours), "--output_path", str(rescored)])

@@ -11,7 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import T5ForConditionalGeneration
 
-from src.model import LEGACY_XATTN_BIAS_KEY, FiDT5
+from src.legacy import LEGACY_XATTN_BIAS_KEY
+from src.reader_model import FiDT5
+from src.scores import generate_with_scores
 from src.tiny import tiny_t5_config
 
 VOCAB = 40
@@ -33,7 +35,7 @@ def passages(B: int = 2, N: int = 3, L: int = 7, seed: int = 1) -> tuple[torch.T
 
 
 def independent_scores(model: FiDT5, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """SPEC §4 from the weights: q·kᵀ of the first decoded token in every decoder layer,
+    """Paper [2]'s score from the weights: q·kᵀ of the first decoded token in every decoder layer,
     averaged over layers, heads and each passage's real tokens (0 for an empty passage).
 
     The only thing taken from the model run is each cross-attention sublayer's input
@@ -144,7 +146,7 @@ def test_generate_with_more_decoder_than_encoder_layers():
     cached = model.generate(ids, mask, max_length=8)
     uncached = model.generate(ids, mask, max_length=8, use_cache=False)
     assert torch.equal(cached, uncached)
-    generated, scores = model.generate_with_scores(ids, mask, max_length=8)
+    generated, scores = generate_with_scores(model, ids, mask, max_length=8)
     assert torch.equal(generated, cached)
     torch.testing.assert_close(scores, independent_scores(model, ids, mask), atol=1e-5, rtol=0)
 
@@ -153,17 +155,17 @@ def test_scores_equal_an_independent_qk_computation():
     model = tiny_fid(seed=5)
     ids, mask = passages(B=3, N=4, L=9, seed=6)
     mask[1, 3] = 0  # a missing passage
-    generated, scores = model.generate_with_scores(ids, mask, max_length=6)
+    generated, scores = generate_with_scores(model, ids, mask, max_length=6)
     assert scores.shape == (3, 4) and scores.dtype == torch.float32
     assert torch.equal(generated, model.generate(ids, mask, max_length=6))
     torch.testing.assert_close(scores, independent_scores(model, ids, mask), atol=1e-5, rtol=0)
     assert scores[1, 3].item() == 0.0
     # eager attention gives the same (the hooks sit on the projections, not on a kernel)
     model.set_attn_implementation("eager")
-    _, eager_scores = model.generate_with_scores(ids, mask, max_length=6)
+    _, eager_scores = generate_with_scores(model, ids, mask, max_length=6)
     torch.testing.assert_close(eager_scores, scores, atol=1e-6, rtol=0)
     # the first step of every beam is the same: beams do not change the scores
-    _, beam_scores = model.generate_with_scores(ids, mask, max_length=6, num_beams=2)
+    _, beam_scores = generate_with_scores(model, ids, mask, max_length=6, num_beams=2)
     torch.testing.assert_close(beam_scores, scores, atol=1e-6, rtol=0)
 
 
@@ -171,22 +173,22 @@ def test_score_variants():
     model = tiny_fid(seed=7)
     ids, mask = passages(B=2, N=3, L=8, seed=8)
     mask[0, 2] = 0
-    _, default = model.generate_with_scores(ids, mask, max_length=6)
-    _, probs = model.generate_with_scores(ids, mask, max_length=6, score_kind="xattn_softmax")
+    _, default = generate_with_scores(model, ids, mask, max_length=6)
+    _, probs = generate_with_scores(model, ids, mask, max_length=6, score_kind="xattn_softmax")
     # mean probability per token × tokens, summed over passages = 1 (per layer and head)
     n_tokens = mask.sum(-1).float()
     torch.testing.assert_close((probs * n_tokens).sum(-1), torch.ones(2), atol=1e-5, rtol=0)
     assert probs[0, 2].item() == 0.0
-    _, value_norm = model.generate_with_scores(ids, mask, max_length=6, score_kind="xattn_value_norm")
+    _, value_norm = generate_with_scores(model, ids, mask, max_length=6, score_kind="xattn_value_norm")
     assert (value_norm[mask.any(-1)] > 0).all() and value_norm[0, 2].item() == 0.0
     assert not torch.allclose(value_norm, probs)
     # all answer tokens with a one-token answer (max_length=2) = the first token only
-    _, all_tokens = model.generate_with_scores(ids, mask, max_length=2, score_kind="xattn_all_tokens")
+    _, all_tokens = generate_with_scores(model, ids, mask, max_length=2, score_kind="xattn_all_tokens")
     torch.testing.assert_close(all_tokens, default, atol=1e-5, rtol=0)
-    _, longer = model.generate_with_scores(ids, mask, max_length=6, score_kind="xattn_all_tokens")
+    _, longer = generate_with_scores(model, ids, mask, max_length=6, score_kind="xattn_all_tokens")
     assert not torch.allclose(longer, default)
     with pytest.raises(ValueError, match="score_kind"):
-        model.generate_with_scores(ids, mask, score_kind="nope")
+        generate_with_scores(model, ids, mask, score_kind="nope")
 
 
 def test_padded_missing_passages_change_nothing():
@@ -196,8 +198,8 @@ def test_padded_missing_passages_change_nothing():
     padded_ids, padded_mask = torch.cat([ids, garbage], 1), torch.cat([mask, torch.zeros(2, 1, 7).long()], 1)
     for impl in ("sdpa", "eager"):
         model.set_attn_implementation(impl)
-        gen, scores = model.generate_with_scores(ids, mask, max_length=8)
-        pgen, pscores = model.generate_with_scores(padded_ids, padded_mask, max_length=8)
+        gen, scores = generate_with_scores(model, ids, mask, max_length=8)
+        pgen, pscores = generate_with_scores(model, padded_ids, padded_mask, max_length=8)
         assert torch.equal(gen, pgen)
         torch.testing.assert_close(pscores[:, :2], scores, atol=1e-6, rtol=0)
         assert (pscores[:, 2] == 0).all()
@@ -333,8 +335,8 @@ def test_original_fid_checkpoint_with_the_legacy_table(tmp_path, caplog):
     ids, mask = passages(B=2, N=2, L=6, seed=13)
     without = FiDT5(plain.config).eval()
     without.load_state_dict(plain.state_dict())
-    _, s_with = loaded.generate_with_scores(ids, mask, max_length=2)
-    _, s_without = without.generate_with_scores(ids, mask, max_length=2)
+    _, s_with = generate_with_scores(loaded, ids, mask, max_length=2)
+    _, s_without = generate_with_scores(without, ids, mask, max_length=2)
     torch.testing.assert_close(s_with - s_without, torch.full_like(s_with, table[0].mean().item()), atol=1e-4, rtol=0)
     # save → reload keeps it
     loaded.save_pretrained(tmp_path / "ours")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from src.data import load_questions
+from src.questions import load_questions
 from src.tiny import save_tiny_t5
 
 ROOT = Path(__file__).resolve().parent.parent

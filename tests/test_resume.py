@@ -15,9 +15,10 @@ import torch
 from safetensors.torch import load_file
 from transformers import T5Config
 
-from src.model import FiDT5, Retriever
+from src.modeling import dropout_rates, set_dropout
+from src.reader_model import FiDT5
+from src.retriever_model import Retriever
 from src.tiny import save_tiny_bert, save_tiny_t5, tiny_t5_config
-from src.util import dropout_rates, set_dropout
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = "anna boris clara dmitri elena farid greta hugo".split()

@@ -1,4 +1,4 @@
-"""Retriever model (SPEC §5) and its ranking metrics, on a tiny BERT built locally."""
+"""Retriever model (paper [2]) and its ranking metrics, on a tiny BERT built locally."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from src.data import RetrieverCollator, RetrieverDataset
+from src.datasets import RetrieverCollator, RetrieverDataset
 from src.evaluation import (
     count_inversions,
     gold_ranks_of_predicted,
@@ -19,7 +19,10 @@ from src.evaluation import (
     question_ranking_metrics,
     ranking_metrics,
 )
-from src.model import Retriever, RetrieverConfig, distillation_loss, is_saved_retriever
+from src.losses import kl_loss
+from src.questions import rank_ctxs
+from src.retriever import load_retriever
+from src.retriever_model import Retriever, RetrieverConfig, is_saved_retriever
 from src.tiny import save_tiny_bert
 
 TEXTS = [
@@ -57,11 +60,11 @@ def test_kl_loss_equals_hand_computation():
     # Question 2: p = q (scores shifted by a constant) → 0. Mean over questions: ln2 / 8.
     gold = torch.log(torch.tensor([[1.0, 2.0, 1.0], [1.0, 2.0, 3.0]]))
     scores = torch.log(torch.tensor([[1.0, 1.0, 2.0], [1.0, 2.0, 3.0]])) + torch.tensor([[0.0], [5.0]])
-    assert distillation_loss(scores, gold).item() == pytest.approx(math.log(2) / 8, abs=1e-6)
+    assert kl_loss(scores, gold).item() == pytest.approx(math.log(2) / 8, abs=1e-6)
     # Temperatures divide the logits: doubling both sides and both temperatures changes nothing.
-    assert distillation_loss(2 * scores, 2 * gold, 2.0, 2.0).item() == pytest.approx(math.log(2) / 8, abs=1e-6)
+    assert kl_loss(2 * scores, 2 * gold, 2.0, 2.0).item() == pytest.approx(math.log(2) / 8, abs=1e-6)
     # T_gold = 2 on gold 2·log[1,2,1] is the same p; a plain gold 2·log[...] is not.
-    assert distillation_loss(scores, 2 * gold).item() > math.log(2) / 8 + 1e-3
+    assert kl_loss(scores, 2 * gold).item() > math.log(2) / 8 + 1e-3
 
 
 def test_kl_loss_ignores_missing_passages_and_has_finite_gradients():
@@ -69,7 +72,7 @@ def test_kl_loss_ignores_missing_passages_and_has_finite_gradients():
     scores = torch.log(torch.tensor([[1.0, 1.0, 2.0]]))
     padded_gold = torch.cat([gold, torch.full((1, 2), -math.inf)], dim=1)  # two missing passages
     padded_scores = torch.cat([scores, torch.tensor([[7.0, -math.inf]])], dim=1).requires_grad_()
-    loss = distillation_loss(padded_scores, padded_gold)
+    loss = kl_loss(padded_scores, padded_gold)
     assert loss.item() == pytest.approx(math.log(2) / 4, abs=1e-6)
     loss.backward()
     assert torch.isfinite(padded_scores.grad).all()
@@ -80,18 +83,24 @@ def test_kl_loss_with_in_batch_negatives_by_hand():
     # p = [1/2, 1/2] over the own passages; one negative with the same score joins the
     # student's softmax only: q = [1/3, 1/3] (+ 1/3 on the negative) → KL = ln(3/2).
     scores, gold = torch.zeros(1, 2), torch.zeros(1, 2)
-    assert distillation_loss(scores, gold).item() == pytest.approx(0.0, abs=1e-7)
+    assert kl_loss(scores, gold).item() == pytest.approx(0.0, abs=1e-7)
     negatives = torch.zeros(1, 1)
-    assert distillation_loss(scores, gold, negative_scores=negatives).item() == pytest.approx(math.log(1.5), abs=1e-6)
+    assert kl_loss(scores, gold, negative_scores=negatives).item() == pytest.approx(math.log(1.5), abs=1e-6)
     # −inf negatives take no part; a temperature divides the negatives' scores as well.
     minus_inf = torch.tensor([[-math.inf, -math.inf]])
-    assert distillation_loss(scores, gold, negative_scores=minus_inf).item() == pytest.approx(0.0, abs=1e-7)
-    t = distillation_loss(2 * scores, gold, 1.0, 2.0, negative_scores=2 * negatives)
+    assert kl_loss(scores, gold, negative_scores=minus_inf).item() == pytest.approx(0.0, abs=1e-7)
+    t = kl_loss(2 * scores, gold, 1.0, 2.0, negative_scores=2 * negatives)
     assert t.item() == pytest.approx(math.log(1.5), abs=1e-6)
     # The gradient pushes the negative down (a positive gradient on its score).
     negatives = torch.zeros(1, 1, requires_grad=True)
-    distillation_loss(scores, gold, negative_scores=negatives).backward()
+    kl_loss(scores, gold, negative_scores=negatives).backward()
     assert negatives.grad.item() == pytest.approx(1 / 3, abs=1e-6)
+
+
+def scores_and_loss(retriever, q_ids, q_mask, p_ids, p_mask, gold, in_batch_negatives=False):
+    """What a training step computes (src/retriever.py make_loss with --retriever_loss kl)."""
+    scores, negatives = retriever(q_ids, q_mask, p_ids, p_mask, in_batch_negatives)
+    return scores, kl_loss(scores, gold, negative_scores=negatives)
 
 
 def test_in_batch_negatives_are_the_other_questions_passages_except_copies(bert_dir, tokenizer):
@@ -103,18 +112,18 @@ def test_in_batch_negatives_are_the_other_questions_passages_except_copies(bert_
     p_ids, p_mask = p_ids.view(2, 2, -1), p_mask.view(2, 2, -1)
     gold = torch.tensor([[2.0, 0.0], [0.0, 1.0]])
     with torch.no_grad():
-        scores, plain = retriever(q_ids, q_mask, p_ids, p_mask, gold)
-        scores_ib, loss = retriever(q_ids, q_mask, p_ids, p_mask, gold, in_batch_negatives=True)
+        scores, plain = scores_and_loss(retriever, q_ids, q_mask, p_ids, p_mask, gold)
+        scores_ib, loss = scores_and_loss(retriever, q_ids, q_mask, p_ids, p_mask, gold, in_batch_negatives=True)
         e_q = retriever.embed_questions(q_ids, q_mask)  # (2, 8)
         e_p = retriever.embed_passages(p_ids.view(4, -1), p_mask.view(4, -1))  # (4, 8)
     assert torch.equal(scores, scores_ib)  # the scores returned are each question's own
     all_scores = e_q @ e_p.T / math.sqrt(8)  # (2, 4): cats, dogs, dogs, paris
     # Question 0's only negative is paris (dogs is its own); question 1's is cats.
     neg = torch.tensor([[-math.inf, -math.inf, -math.inf, all_scores[0, 3]], [all_scores[1, 0]] + [-math.inf] * 3])
-    assert loss.item() == pytest.approx(distillation_loss(scores, gold, negative_scores=neg).item(), abs=1e-5)
+    assert loss.item() == pytest.approx(kl_loss(scores, gold, negative_scores=neg).item(), abs=1e-5)
     assert loss.item() > plain.item()  # a negative only ever adds probability mass to take away
     # The dev loss (no flag) is the papers' KL over own passages only.
-    assert plain.item() == pytest.approx(distillation_loss(scores, gold).item(), abs=1e-6)
+    assert plain.item() == pytest.approx(kl_loss(scores, gold).item(), abs=1e-6)
 
 
 def test_forward_scores_are_scaled_inner_products_and_loss_matches(bert_dir, tokenizer):
@@ -126,7 +135,7 @@ def test_forward_scores_are_scaled_inner_products_and_loss_matches(bert_dir, tok
     p_ids, p_mask = p_ids.view(2, 3, -1), p_mask.view(2, 3, -1)
     gold = torch.tensor([[3.0, 1.0, 0.0], [0.0, -1.0, 2.0]])
     with torch.no_grad():
-        scores, loss = retriever(q_ids, q_mask, p_ids, p_mask, gold)
+        scores, loss = scores_and_loss(retriever, q_ids, q_mask, p_ids, p_mask, gold)
         e_q = retriever.embed_questions(q_ids, q_mask)  # (2, 8)
         e_p = retriever.embed_passages(p_ids.view(6, -1), p_mask.view(6, -1)).view(2, 3, 8)
     assert scores.shape == (2, 3) and e_q.shape == (2, 8)
@@ -143,7 +152,7 @@ def test_forward_scores_are_scaled_inner_products_and_loss_matches(bert_dir, tok
         q = [x / sum(s) for x in s]
         hand += sum(pi * math.log(pi / qi) for pi, qi in zip(p, q)) / 2
     assert loss.item() == pytest.approx(hand, abs=1e-5)
-    # No gold: no loss.
+    # Without in-batch negatives the model returns no negative scores.
     assert retriever(q_ids, q_mask, p_ids, p_mask)[1] is None
 
 
@@ -153,7 +162,7 @@ def test_missing_passage_gets_minus_inf_score(bert_dir, tokenizer):
     p_ids, p_mask = encode(tokenizer, [TEXTS[1], TEXTS[2]])
     p_ids, p_mask = p_ids.view(1, 2, -1).clone(), p_mask.view(1, 2, -1).clone()
     p_ids[0, 1], p_mask[0, 1] = tokenizer.pad_token_id, 0  # what the collator gives a missing ctx
-    scores, loss = retriever(q_ids, q_mask, p_ids, p_mask, torch.tensor([[1.0, -math.inf]]))
+    scores, loss = scores_and_loss(retriever, q_ids, q_mask, p_ids, p_mask, torch.tensor([[1.0, -math.inf]]))
     assert torch.isfinite(scores[0, 0]) and scores[0, 1].item() == -math.inf
     assert loss.item() == pytest.approx(0.0, abs=1e-6)  # one real passage: both softmaxes are [1]
     loss.backward()
@@ -250,23 +259,23 @@ def _opt(**kw):
 
 
 def test_load_from_options(bert_dir, tmp_path, caplog):
-    fresh, tok = Retriever.load(_opt(model_name_or_path=str(bert_dir), indexing_dimension=6, extract_cls=True))
+    fresh, tok = load_retriever(str(bert_dir), _opt(indexing_dimension=6, extract_cls=True))
     assert fresh.dim == 6 and fresh.config.extract_cls and len(tok) == len(AutoTokenizer.from_pretrained(bert_dir))
     fresh.save_pretrained(tmp_path / "saved")
     tok.save_pretrained(tmp_path / "saved")
 
-    # --model_path (a saved retriever) wins over --model_name_or_path and keeps its trained
-    # projection even when --indexing_dimension asks for another size (the original's defect).
+    # A saved retriever keeps its trained projection even when --indexing_dimension asks
+    # for another size (the original's defect).
     with caplog.at_level(logging.WARNING, logger="fid"):
-        loaded, _ = Retriever.load(
-            _opt(model_path=str(tmp_path / "saved"), model_name_or_path=str(bert_dir), indexing_dimension=256)
-        )
+        loaded, _ = load_retriever(str(tmp_path / "saved"), _opt(indexing_dimension=256))
     assert loaded.dim == 6 and loaded.config.extract_cls
     assert torch.equal(loaded.proj.weight, fresh.proj.weight)
     assert "indexing_dimension=6" in caplog.text
 
     # A saved retriever given as --model_name_or_path loads as a retriever too.
-    again, _ = Retriever.load(_opt(model_name_or_path=str(tmp_path / "saved")))
+    again, _ = load_retriever(str(tmp_path / "saved"), _opt())
+    with pytest.raises(FileNotFoundError, match="not a saved retriever"):
+        load_retriever(str(bert_dir), _opt(), trained=True)  # what the corpus scripts ask for
     assert again.dim == 6
     with pytest.raises(ValueError, match="saved retriever"):
         Retriever.from_encoder(str(tmp_path / "saved"))
@@ -353,6 +362,8 @@ def _overlap_dataset(seed: int, n_questions: int, n_passages: int, vocab: list[s
             overlap = len(set(words) & set(q))
             ctxs.append({"title": "", "text": " ".join(words), "score": 2.0 * overlap - 0.01 * j})
         examples.append({"id": str(i), "question": " ".join(q), "ctxs": ctxs})
+    for ex in examples:
+        rank_ctxs(ex)  # as train_retriever.py loads them
     return examples
 
 
@@ -360,7 +371,7 @@ def _dev_metrics(retriever, batch) -> dict[str, float]:
     retriever.eval()
     _, q_ids, q_mask, p_ids, p_mask, gold = batch
     with torch.no_grad():
-        scores, loss = retriever(q_ids, q_mask, p_ids, p_mask, gold)
+        scores, loss = scores_and_loss(retriever, q_ids, q_mask, p_ids, p_mask, gold)
     return {"loss": loss.item(), **ranking_metrics(scores, gold)}
 
 
@@ -380,7 +391,7 @@ def test_distillation_moves_ranking_towards_gold(tmp_path):
     retriever.train()
     for _ in range(100):
         _, q_ids, q_mask, p_ids, p_mask, gold = train
-        _, loss = retriever(q_ids, q_mask, p_ids, p_mask, gold)
+        _, loss = scores_and_loss(retriever, q_ids, q_mask, p_ids, p_mask, gold)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()

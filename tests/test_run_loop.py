@@ -146,9 +146,9 @@ def _reader_em(model_dir: Path, questions: list[dict], n_context: int = 10, leng
     import torch
     from transformers import AutoTokenizer
 
-    from src.data import format_passage, format_question
+    from src.datasets import format_passage, format_question
     from src.evaluation import ems
-    from src.model import FiDT5
+    from src.reader_model import FiDT5
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = FiDT5.load(model_dir).eval()
@@ -194,7 +194,7 @@ def test_build_retriever_is_a_loadable_retriever(world, tmp_path):
     import torch
     from transformers import AutoTokenizer
 
-    from src.model import Retriever
+    from src.retriever_model import Retriever
 
     path = toy.build_retriever(tmp_path / "retriever", world, dim=16)
     retriever = Retriever.from_pretrained(path).eval()

@@ -7,11 +7,12 @@ import torch
 from transformers import T5ForConditionalGeneration
 
 from src import checkpoint
+from src.cli import set_seed
 from src.dist import init_distributed
+from src.optim import lr_lambda
 from src.options import Options
 from src.tiny import build_word_tokenizer, tiny_t5_config
 from src.trainer import EpochSampler, Task, train
-from src.util import lr_lambda, set_seed
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 

@@ -1,0 +1,84 @@
+"""What every script shares at its start and end: logging, seeding, the run directory
+(lock, options files) and the wrapper that turns a bad input into one line and exit 2."""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import dist, runlock
+from .errors import InputError, RunDirectoryBusy
+from .options import ignored_flags, save_options
+
+logger = logging.getLogger("fid")
+
+
+def init_logger(run_dir: str | Path | None = None, is_main: bool = True) -> logging.Logger:
+    """Log to stdout and, on the main process, to `run_dir/run.log` (appending on resume)."""
+    logger.handlers.clear()
+    logger.setLevel(logging.INFO if is_main else logging.WARNING)
+    fmt = logging.Formatter("[%(asctime)s] %(levelname)s %(message)s", datefmt="%m/%d %H:%M:%S")
+    stream = logging.StreamHandler(sys.stdout)
+    stream.setFormatter(fmt)
+    logger.addHandler(stream)
+    if run_dir is not None and is_main:
+        Path(run_dir).mkdir(parents=True, exist_ok=True)
+        handler = logging.FileHandler(Path(run_dir) / "run.log")
+        handler.setFormatter(fmt)
+        logger.addHandler(handler)
+    return logger
+
+
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def start_run(opt, lock: bool = False, ignored: tuple[str, ...] = ()) -> tuple[Path, logging.Logger]:
+    """The start of every training/evaluation script: process group, seed (offset by rank so
+    ranks draw different dropout), run directory `checkpoint_dir/name`, logger (run.log on
+    rank 0), and the options saved as opt.log / options.json. Returns (run_dir, logger).
+
+    With `lock` (training), global rank 0 first takes the run directory's lock, so a second
+    run on the same directory stops before it touches anything (see runlock.py).
+    `ignored`: flags the script accepts (shared option groups) but does not use; each one
+    given a non-default value gets a warning."""
+    run_dir = Path(opt.checkpoint_dir) / opt.name
+    if lock and int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+        runlock.acquire(run_dir)
+    dist.init_distributed(opt)
+    set_seed(opt.seed + opt.rank)
+    log = init_logger(run_dir, opt.is_main)
+    warn_ignored(opt, ignored, log)
+    if opt.is_main:
+        save_options(opt, run_dir)
+    return run_dir, log
+
+
+def warn_ignored(opt, ignored: tuple[str, ...], log: logging.Logger = logger) -> None:
+    script = Path(sys.argv[0]).name
+    for flag in ignored_flags(opt, ignored):
+        log.warning("%s ignores --%s (set to %r): it only matters to other scripts", script, flag, getattr(opt, flag))
+
+
+def cli(main) -> None:
+    """Run a script's main. A bad input (file, model path, option value) ends with one line
+    naming what is wrong and exit code 2, not a traceback; FID_DEBUG=1 shows the traceback.
+    The run directory's lock is dropped however main ends."""
+    try:
+        main()
+    except (InputError, OSError, UnicodeDecodeError, ValueError, RunDirectoryBusy) as e:
+        if os.environ.get("FID_DEBUG"):
+            raise
+        logger.error("%s", e)
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    finally:
+        runlock.release()

@@ -1,0 +1,247 @@
+"""Datasets and collators: question files → tensors (README "Question format"; papers [1] §3, [2] §3).
+
+How a question and a passage read as text (`format_question`, `format_passage`) is shared
+by the reader, the retriever and the corpus scripts, at training and at retrieval time.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from typing import Any, NamedTuple
+
+import torch
+
+from .errors import DataError
+from .questions import read_ctxs
+
+logger = logging.getLogger("fid")
+
+
+def format_question(question: str) -> str:
+    """Question text as the reader and the retriever see it (also at retrieval time)."""
+    return f"question: {question}"
+
+
+def format_passage(title: str, text: str, no_title: bool = False) -> str:
+    """Passage text as the reader and the retriever see it."""
+    return f"context: {text}" if no_title else f"title: {title} context: {text}"
+
+
+# ---------------------------------------------------------------------------
+# Reader
+# ---------------------------------------------------------------------------
+
+
+class ReaderDataset(torch.utils.data.Dataset):
+    """Question + its first `n_context` passages, as strings.
+
+    The training target is `target` if given, else a random answer; the choice is a
+    function of (seed, epoch, index) so a resumed run sees the same targets.
+    """
+
+    def __init__(self, examples: list[dict], n_context: int, no_title: bool = False, seed: int = 0, source: str = ""):
+        self.examples = examples
+        self.n_context = n_context
+        self.no_title = no_title
+        self.seed, self.epoch = seed, 0
+        short = sum(len(ex.get("ctxs") or []) < n_context for ex in examples)
+        if short:
+            logger.warning(
+                "%s: %d of %d examples have fewer than %d ctxs; the missing passages are fully masked",
+                source or "data",
+                short,
+                len(examples),
+                n_context,
+            )
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def target(self, index: int) -> str | None:
+        ex = self.examples[index]
+        if "target" in ex:
+            return ex["target"]
+        answers = ex.get("answers") or []
+        if not answers:
+            return None
+        return random.Random(f"{self.seed}-{self.epoch}-{index}").choice(answers)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        ex = self.examples[index]
+        question = format_question(ex["question"])
+        ctxs = read_ctxs(ex, self.n_context)
+        passages = [f"{question} {format_passage(c.get('title', ''), c['text'], self.no_title)}" for c in ctxs]
+        return {"index": index, "question": question, "target": self.target(index), "passages": passages}
+
+
+def encode_passages(tokenizer, passages: list[list[str]], n_context: int, max_length: int):
+    """Token ids (B, N, L) and mask (B, N, L); no special tokens, as the original's tokenizer.
+
+    Each passage is truncated/padded to L = max_length. Missing passages (fewer than
+    N) are all padding with an all-zero mask: the model ignores them.
+    """
+    pad = tokenizer.pad_token_id
+    flat = [p for ps in passages for p in ps]
+    enc = tokenizer(flat, add_special_tokens=False, truncation=True, max_length=max_length)["input_ids"] if flat else []
+    ids = torch.full((len(passages), n_context, max_length), pad, dtype=torch.long)
+    mask = torch.zeros((len(passages), n_context, max_length), dtype=torch.long)
+    k = 0
+    for b, ps in enumerate(passages):
+        for n in range(len(ps)):
+            tokens = enc[k]
+            k += 1
+            ids[b, n, : len(tokens)] = torch.tensor(tokens, dtype=torch.long)
+            mask[b, n, : len(tokens)] = 1
+    return ids, mask
+
+
+def encode_targets(tokenizer, targets: list[str], answer_maxlength: int = -1):
+    """Labels (B, T) ending in exactly one EOS, padding −100.
+
+    Whatever the tokenizer appends by itself is not used (add_special_tokens=False);
+    EOS is appended here, once. With answer_maxlength > 0, T is exactly that length.
+    """
+    eos = tokenizer.eos_token_id
+    enc = tokenizer(targets, add_special_tokens=False)["input_ids"]
+    seqs = [tokens + [eos] for tokens in enc]
+    if answer_maxlength > 0:
+        seqs = [s[:answer_maxlength] for s in seqs]
+        length = answer_maxlength
+    else:
+        length = max(len(s) for s in seqs)
+    labels = torch.full((len(seqs), length), -100, dtype=torch.long)
+    for b, s in enumerate(seqs):
+        labels[b, : len(s)] = torch.tensor(s, dtype=torch.long)
+    return labels
+
+
+class ReaderBatch(NamedTuple):
+    index: torch.Tensor  # (B,) positions of the examples in the dataset
+    labels: torch.Tensor | None  # (B, T) target ids ending in one EOS, padding −100; None without targets
+    context_ids: torch.Tensor  # (B, N, L) question + passage tokens
+    context_mask: torch.Tensor  # (B, N, L); a missing passage is all zeros
+
+
+class ReaderCollator:
+    """Examples of a ReaderDataset → one ReaderBatch."""
+
+    def __init__(self, tokenizer, text_maxlength: int, n_context: int, answer_maxlength: int = -1):
+        self.tokenizer = tokenizer
+        self.text_maxlength = text_maxlength
+        self.n_context = n_context
+        self.answer_maxlength = answer_maxlength
+
+    def __call__(self, batch: list[dict[str, Any]]):
+        index = torch.tensor([item["index"] for item in batch])
+        targets = [item["target"] for item in batch]
+        labels = None
+        if all(t is not None for t in targets):
+            labels = encode_targets(self.tokenizer, targets, self.answer_maxlength)
+        ids, mask = encode_passages(
+            self.tokenizer, [item["passages"] for item in batch], self.n_context, self.text_maxlength
+        )
+        return ReaderBatch(index, labels, ids, mask)
+
+
+# ---------------------------------------------------------------------------
+# Retriever
+# ---------------------------------------------------------------------------
+
+
+class RetrieverDataset(torch.utils.data.Dataset):
+    """Question, its first `n_context` passages and their gold scores (the reader's)."""
+
+    def __init__(self, examples: list[dict], n_context: int, no_title: bool = False, source: str = "data"):
+        self.examples = examples
+        self.n_context = n_context
+        self.no_title = no_title
+        for i, ex in enumerate(examples):
+            ctxs = ex.get("ctxs") or []
+            if not ctxs:
+                raise DataError(f"{source}, example {i} (id {ex.get('id')}): no ctxs to train the retriever on")
+            missing = [j for j, c in enumerate(ctxs[:n_context]) if "score" not in c]
+            if missing:
+                raise DataError(
+                    f"{source}, example {i} (id {ex.get('id')}): ctx {missing[0]} has no 'score' "
+                    "(gold scores come from test_reader.py --write_crossattention_scores)"
+                )
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        ex = self.examples[index]
+        ctxs = read_ctxs(ex, self.n_context)
+        return {
+            "index": index,
+            "question": format_question(ex["question"]),
+            "passages": [format_passage(c.get("title", ""), c["text"], self.no_title) for c in ctxs],
+            "scores": [float(c["score"]) for c in ctxs],
+        }
+
+
+class RetrieverBatch(NamedTuple):
+    index: torch.Tensor  # (B,)
+    question_ids: torch.Tensor  # (B, Lq)
+    question_mask: torch.Tensor  # (B, Lq)
+    passage_ids: torch.Tensor  # (B, N, Lp)
+    passage_mask: torch.Tensor  # (B, N, Lp); a missing passage is all zeros
+    gold_scores: torch.Tensor  # (B, N) the reader's scores; −inf for a missing passage
+
+
+class RetrieverCollator:
+    """Examples of a RetrieverDataset → one RetrieverBatch.
+
+    Encoded with the tokenizer's own special tokens ([CLS] … [SEP] for BERT). Missing
+    passages (fewer than N ctxs) are all padding with gold score −inf: they get no
+    weight in softmax(gold), and the retriever must mask its own score there too
+    (`gold_scores == -inf`).
+    """
+
+    def __init__(
+        self,
+        tokenizer,
+        n_context: int,
+        question_maxlength: int = 40,
+        passage_maxlength: int = 200,
+        pad_questions_to_max: bool = False,
+        pad_passages_to_max: bool = False,
+    ):
+        self.tokenizer = tokenizer
+        self.n_context = n_context
+        self.question_maxlength = question_maxlength
+        self.passage_maxlength = passage_maxlength
+        # Without masks (--no_question_mask / --no_passage_mask) the encoder attends to
+        # padding, so padding must be the same everywhere: the maximum length, as the original.
+        self.question_padding = "max_length" if pad_questions_to_max else "longest"
+        self.passage_padding = "max_length" if pad_passages_to_max else "longest"
+
+    def __call__(self, batch: list[dict[str, Any]]):
+        index = torch.tensor([item["index"] for item in batch])
+        q = self.tokenizer(
+            [item["question"] for item in batch],
+            max_length=self.question_maxlength,
+            truncation=True,
+            padding=self.question_padding,
+            return_tensors="pt",
+        )
+        flat = [p for item in batch for p in item["passages"]]
+        p = self.tokenizer(flat, max_length=self.passage_maxlength, truncation=True, padding=self.passage_padding)
+        width = max(len(x) for x in p["input_ids"])
+        B, N = len(batch), self.n_context
+        passage_ids = torch.full((B, N, width), self.tokenizer.pad_token_id, dtype=torch.long)
+        passage_mask = torch.zeros((B, N, width), dtype=torch.long)
+        gold = torch.full((B, N), -math.inf)
+        k = 0
+        for b, item in enumerate(batch):
+            for n, score in enumerate(item["scores"]):
+                passage_ids[b, n] = torch.tensor(p["input_ids"][k])
+                passage_mask[b, n] = torch.tensor(p["attention_mask"][k])
+                gold[b, n] = score
+                k += 1
+        return RetrieverBatch(index, q["input_ids"], q["attention_mask"], passage_ids, passage_mask, gold)

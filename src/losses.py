@@ -1,0 +1,68 @@
+"""Retriever losses: how the retriever's scores learn from the reader's (paper [2]).
+
+A registry `name → loss`; `train_retriever.py --retriever_loss NAME` picks one, and the
+option's choices are this registry's names. Every loss has the same signature:
+
+    loss(scores (B, N), gold (B, N), temperature_gold, temperature_score, negatives (B, M) | None) → scalar
+
+scores: the retriever's ⟨e_q, e_p⟩/√d for each question's N passages; gold: the signal the
+reader exported for them (`ctxs[j]["score"]` of dataset_wscores.json). An entry that is
+−inf in either (a missing passage: fewer ctxs than N) never counts. negatives: scores of
+extra passages with gold probability 0 (in-batch negatives), or None.
+
+A new loss is one function here, registered with `@register("name")`, and its test.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+
+Loss = Callable[..., torch.Tensor]
+LOSSES: dict[str, Loss] = {}
+
+
+def register(name: str) -> Callable[[Loss], Loss]:
+    def add(fn: Loss) -> Loss:
+        LOSSES[name] = fn
+        return fn
+
+    return add
+
+
+def get_loss(name: str) -> Loss:
+    if name not in LOSSES:
+        raise ValueError(f"unknown retriever loss {name!r}; expected one of {', '.join(LOSSES)}")
+    return LOSSES[name]
+
+
+@register("kl")
+def kl_loss(
+    scores: torch.Tensor,
+    gold_scores: torch.Tensor,
+    temperature_gold: float = 1.0,
+    temperature_score: float = 1.0,
+    negative_scores: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """KL(softmax(gold/T_gold) ‖ softmax(scores/T_score)) over each question's passages,
+    averaged over questions (paper [2], eq. 3).
+
+    Note the original averaged over all B·N entries (KLDivLoss's "mean"), i.e. its loss is
+    this one divided by N. `negative_scores` join the student's softmax only, so the KL
+    pushes them down (in-batch negatives, `--in_batch_negatives`; not in the papers).
+    """
+    scores, gold_scores = scores.float(), gold_scores.float().to(scores.device)
+    valid = torch.isfinite(gold_scores) & torch.isfinite(scores)  # (B, N)
+    neg_inf = torch.tensor(-math.inf, device=scores.device)
+    # Fill with −inf before the softmax, then 0 in the log-probabilities, so that
+    # 0·log 0 never turns into NaN in the forward or the backward pass.
+    log_p = torch.log_softmax(torch.where(valid, gold_scores / temperature_gold, neg_inf), dim=-1)
+    student = torch.where(valid, scores / temperature_score, neg_inf)  # (B, N)
+    if negative_scores is not None:
+        student = torch.cat([student, negative_scores.float() / temperature_score], dim=-1)  # (B, N + M)
+    log_q = torch.log_softmax(student, dim=-1)[:, : scores.size(-1)]  # (B, N)
+    log_p, log_q = log_p.masked_fill(~valid, 0.0), log_q.masked_fill(~valid, 0.0)
+    kl = (log_p.exp() * valid * (log_p - log_q)).sum(dim=-1)  # (B,)
+    return kl.mean()

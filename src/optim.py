@@ -1,0 +1,39 @@
+"""Optimizer and learning-rate schedule of the original FiD (README "1. Train a reader")."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+
+
+def lr_lambda(opt) -> Callable[[int], float]:
+    """Multiplier of the lr at a given optimizer step.
+
+    fixed: constant. linear: 0 → 1 over `warmup_steps`, then linear decay to 0 at
+    `scheduler_steps` (default `total_steps`), or flat after warmup with `--fixed_lr`.
+    """
+    warmup = max(0, opt.warmup_steps)
+    total = opt.scheduler_steps if opt.scheduler_steps is not None else opt.total_steps
+
+    def linear(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        if opt.fixed_lr:
+            return 1.0
+        return max(0.0, (total - step) / max(1, total - warmup))
+
+    return linear if opt.scheduler == "linear" else (lambda step: 1.0)
+
+
+def set_optim(opt, model: torch.nn.Module):
+    """(optimizer, scheduler) from `--optim --lr --weight_decay --scheduler ...`."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if opt.optim == "adam":
+        optimizer = torch.optim.Adam(params, lr=opt.lr)
+    elif opt.optim == "adamw":
+        optimizer = torch.optim.AdamW(params, lr=opt.lr, weight_decay=opt.weight_decay)
+    else:
+        raise ValueError(f"unknown optimizer {opt.optim!r} (adam or adamw)")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opt))
+    return optimizer, scheduler
