@@ -14,7 +14,6 @@ directories with the tokenizer, loadable by `generate_passage_embeddings.py
 --model_path` and `passage_retrieval.py --model_path`.
 """
 
-
 from __future__ import annotations
 
 from src import checkpoint, dist

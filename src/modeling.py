@@ -21,6 +21,7 @@ def check_model_path(path: str | Path, what: str = "model") -> None:
     if local and not os.path.exists(os.path.expanduser(text)):
         raise FileNotFoundError(f"{what} {text}: no such directory")
 
+
 # Config fields that hold a dropout probability, across the encoders we load (T5, BERT-likes).
 DROPOUT_CONFIG_KEYS = (
     "dropout_rate",  # T5: hidden, feed-forward and attention probabilities
@@ -33,6 +34,7 @@ DROPOUT_CONFIG_KEYS = (
 # Module attributes that hold the attention-probability dropout as a float, not as an
 # nn.Dropout (transformers 5's T5Attention reads `config.dropout_rate` once, at build time).
 DROPOUT_FLOAT_ATTRIBUTES = ("dropout", "attention_dropout", "dropout_p")
+
 
 def set_dropout(model, p: float) -> None:
     """--dropout p for every dropout of the model: each nn.Dropout, each attention module's
@@ -52,6 +54,7 @@ def set_dropout(model, p: float) -> None:
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 setattr(config, key, p)
 
+
 def dropout_rates(model) -> set[float]:
     """Every dropout probability the model applies in training (nn.Dropout and float attributes)."""
     rates = set()
@@ -64,6 +67,7 @@ def dropout_rates(model) -> set[float]:
             if isinstance(value, float) and not isinstance(value, bool):
                 rates.add(value)
     return rates
+
 
 def count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())

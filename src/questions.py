@@ -36,6 +36,7 @@ def utf8_error(path: str | Path) -> DataError:
                 )
     return DataError(f"{path}: not UTF-8 text; save the file as UTF-8")
 
+
 def json_error(
     path: str | Path,
     e: json.JSONDecodeError,
@@ -58,6 +59,7 @@ def json_error(
         hint = "; one example per line? name the file .jsonl"
     line = e.lineno if lineno is None else lineno
     return DataError(f"{path}, line {line}: invalid JSON ({e.msg}, column {e.colno}{hint})")
+
 
 def _read_entries(path: Path) -> list[tuple[str, Any]]:
     """(where, entry) pairs; `where` is 'line N' for JSON lines, 'example N' for a JSON list."""
@@ -99,6 +101,7 @@ def _read_entries(path: Path) -> list[tuple[str, Any]]:
         raise DataError(f"{path}: no examples (an empty JSON list)")
     return [(f"example {i}", ex) for i, ex in enumerate(data)]
 
+
 def parse_score(value: Any, where: str) -> float:
     """A ctx score: a number, or a numeric string as DPR writes them."""
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
@@ -110,6 +113,7 @@ def parse_score(value: Any, where: str) -> float:
     if not math.isfinite(score):
         raise DataError(f"{where}: score {value!r} is not a finite number")
     return score
+
 
 def validate_example(ex: Any, where: str) -> None:
     if not isinstance(ex, dict):

@@ -34,7 +34,9 @@ def load_retriever(model_dir: str, opt=None, log: logging.Logger = logger, train
     Tokenizer: `--tokenizer_name_or_path`, else `model_dir`."""
     model_dir = str(model_dir)
     if trained and not os.path.exists(model_dir):
-        raise FileNotFoundError(f"--model_path {model_dir}: no such directory (a retriever saved by train_retriever.py)")
+        raise FileNotFoundError(
+            f"--model_path {model_dir}: no such directory (a retriever saved by train_retriever.py)"
+        )
     if trained and not is_saved_retriever(model_dir):
         raise FileNotFoundError(
             f"--model_path {model_dir}: not a saved retriever (a directory written by train_retriever.py, "
