@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ import numpy as np
 import torch
 
 from . import dist
+from .files import atomic_directory, clean_interrupted, complete_or_old
 from .options import options_dict
 
 logger = logging.getLogger("fid")
@@ -37,8 +36,7 @@ def checkpoint_root(run_dir: str | Path) -> Path:
 
 def resolve(path: str | Path) -> Path | None:
     """A complete checkpoint directory at `path`, or its `.old` twin after an interrupted swap."""
-    path = Path(path)
-    for candidate in (path, path.with_name(path.name + ".old")):
+    for candidate in complete_or_old(path):
         if (candidate / STATE_FILE).exists() or (candidate / "config.json").exists():
             return candidate
     return None
@@ -74,13 +72,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def _fsync_dir(path: Path) -> None:
-    for f in path.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
 def save(
     run_dir: str | Path,
     name: str,
@@ -95,16 +86,8 @@ def save(
     rngs = dist.gather_objects(rng_state())
     if not dist.is_main():
         return None
-    root = checkpoint_root(run_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / name
-    tmp = root / f".{name}.tmp"
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    final = checkpoint_root(run_dir) / name
     model = getattr(model, "module", model)  # unwrap DDP
-    model.save_pretrained(tmp)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(tmp)
     payload = {
         "step": int(state["step"]),
         "best_metric": None if state.get("best_metric") is None else float(state["best_metric"]),
@@ -114,43 +97,22 @@ def save(
         "rng": rngs,
         "options": options_dict(opt),
     }
-    torch.save(payload, tmp / STATE_FILE)
-    with open(tmp / "options.json", "w") as f:
-        json.dump(options_dict(opt), f, indent=1, sort_keys=True)
-    _fsync_dir(tmp)
-    old = root / f"{name}.old"
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
+    with atomic_directory(final, replace=True) as tmp:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        torch.save(payload, tmp / STATE_FILE)
+        with open(tmp / "options.json", "w") as f:
+            json.dump(options_dict(opt), f, indent=1, sort_keys=True)
     logger.info("saved checkpoint %s (step %d)", final, payload["step"])
     return final
 
 
 def clean_interrupted_saves(run_dir: str | Path) -> None:
-    """Finish what a killed save left behind (call with the run directory's lock held).
-
-    `.name.tmp` (a save that never completed) is removed; `name.old` is removed when `name`
-    exists (killed while deleting it) or renamed back to `name` when it does not (killed
-    between the two renames); half-written `.file.*.tmp` files of atomic writes go too.
-    """
-    root = checkpoint_root(run_dir)
-    for path in sorted(root.glob(".*.tmp")) if root.is_dir() else []:
-        logger.info("removing %s, left by an interrupted save", path)
-        shutil.rmtree(path, ignore_errors=True)
-    for old in sorted(root.glob("*.old")) if root.is_dir() else []:
-        final = old.with_name(old.name[: -len(".old")])
-        if final.exists():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            logger.info("restoring %s from %s, left by an interrupted save", final, old)
-            os.replace(old, final)
-    for path in Path(run_dir).glob(".*.tmp"):
-        if path.is_file():
-            path.unlink(missing_ok=True)
+    """Finish what a killed save left behind (call with the run directory's lock held): in
+    the checkpoint directory and the run directory (files.clean_interrupted)."""
+    for path in clean_interrupted(checkpoint_root(run_dir)) + clean_interrupted(run_dir):
+        logger.info("tidied %s, left by an interrupted save", path)
 
 
 def load_training_state(ckpt_dir: str | Path, optimizer=None, scheduler=None) -> dict[str, Any]:

@@ -35,16 +35,63 @@ def atomic_write(path: str | Path, mode: str = "w") -> Iterator[IO[Any]]:
         raise
 
 
+OLD_SUFFIX = ".old"  # a directory moved aside while its new version is renamed into place
+
+
 @contextlib.contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
+def atomic_directory(path: str | Path, replace: bool = False) -> Iterator[Path]:
     """A temporary directory beside `path` to fill; renamed to `path` when the block ends
-    without error, removed otherwise. `path` must not exist."""
+    without error, removed otherwise.
+
+    An existing `path` is an error unless `replace`: then it is moved to `path.old` first
+    and removed last, so a kill at any moment leaves a complete `path` or a complete
+    `path.old` (`complete_or_old` finds it, `clean_interrupted` tidies up).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not replace:
+        raise FileExistsError(f"{path} already exists; choose a new directory")
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
     try:
         yield tmp
-        tmp.rename(path)
+        for f in tmp.iterdir():  # on disk before the rename makes them visible
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        old = path.with_name(path.name + OLD_SUFFIX)
+        if path.exists():
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def complete_or_old(path: str | Path) -> list[Path]:
+    """Where a directory written by `atomic_directory(replace=True)` may be: itself, then its `.old` twin."""
+    path = Path(path)
+    return [path, path.with_name(path.name + OLD_SUFFIX)]
+
+
+def clean_interrupted(directory: str | Path) -> list[Path]:
+    """Finish what killed atomic writes left in `directory` (call it while no writer runs):
+    `.name.*.tmp` files and directories go; `name.old` goes when `name` exists (killed while
+    removing it) or becomes `name` again when it does not (killed between the two renames).
+    Returns what was removed or restored."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        return []
+    touched = []
+    for tmp in sorted(directory.glob(".*.tmp")):
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        touched.append(tmp)
+    for old in sorted(directory.glob("*" + OLD_SUFFIX)):
+        final = old.with_name(old.name[: -len(OLD_SUFFIX)])
+        if final.exists():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(old, final)
+        touched.append(old)
+    return touched
