@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from .errors import PassageFileError
 from .files import atomic_write
@@ -62,6 +63,45 @@ def _opens_quote(line: bytes) -> bool:
     if not (line.startswith(b'"') or b'\t"' in line):
         return False
     return line.count(b'"') % 2 == 1
+
+
+def _rows(f, offset: int, bar) -> Iterator[tuple[int, int, bytes]]:
+    """(byte offset, first line number, raw bytes) of each non-blank row after the header;
+    a row with a quoted field may span several lines."""
+    line_no, pending = 1, 0  # pending: bytes read since the last progress update
+    while line := f.readline():
+        start, first_line, raw = offset, line_no + 1, line
+        line_no += 1
+        offset += len(line)
+        if _opens_quote(line):  # a quoted field continues on the next line(s)
+            for _ in range(MAX_ROW_LINES):
+                more = f.readline()
+                if not more:
+                    break
+                raw += more
+                line_no += 1
+                offset += len(more)
+                if raw.count(b'"') % 2 == 0:
+                    break
+        pending += len(raw)
+        if pending > 1 << 24:
+            bar.update(pending)
+            pending = 0
+        if raw.strip():  # blank lines (e.g. a trailing one) are not rows
+            yield start, first_line, raw
+    bar.update(pending)
+
+
+def _row_id(raw: bytes, n_columns: int, id_col: int) -> bytes:
+    """The id field of a row; ValueError / UnicodeDecodeError for a bad row."""
+    if b'"' not in raw and raw.count(b"\t") == n_columns - 1:  # the common row: fast path
+        raw.decode("utf-8")
+        row_id = raw.rstrip(b"\r\n").split(b"\t")[id_col]
+    else:
+        row_id = _parse_row(raw, n_columns)[id_col].encode("utf-8")
+    if not row_id.strip():
+        raise ValueError("empty id")
+    return row_id
 
 
 def _default_cache_dir() -> Path:
@@ -155,8 +195,6 @@ class PassageStore:
 
     def _build_index(self) -> dict:
         """One pass over the file: row offsets, lengths, ids; bad rows with line numbers."""
-        from tqdm import tqdm
-
         starts = array.array("q")
         lengths = array.array("I")
         id_chunks: list[np.ndarray] = []
@@ -178,43 +216,9 @@ class PassageStore:
             columns = self._parse_header(header.removeprefix(b"\xef\xbb\xbf"))  # a UTF-8 BOM is not a column name
             n_columns = len(columns)
             id_col, text_col, title_col = (columns.index(c) for c in REQUIRED_COLUMNS)
-            offset = len(header)
-            line_no = 1
-            pending = 0  # bytes read since the last progress update
-            while True:
-                line = f.readline()
-                if not line:
-                    break
-                start, first_line = offset, line_no + 1
-                raw = line
-                line_no += 1
-                offset += len(line)
-                if _opens_quote(line):  # a quoted field continues on the next line(s)
-                    for _ in range(MAX_ROW_LINES):
-                        more = f.readline()
-                        if not more:
-                            break
-                        raw += more
-                        line_no += 1
-                        offset += len(more)
-                        if raw.count(b'"') % 2 == 0:
-                            break
-                pending += len(raw)
-                if pending > 1 << 24:
-                    bar.update(pending)
-                    pending = 0
-                if not raw.strip():
-                    continue  # blank lines (e.g. a trailing one) are not rows
-
-                # Fast path for the common row: no quotes, right number of tabs.
+            for start, first_line, raw in _rows(f, len(header), bar):
                 try:
-                    if b'"' not in raw and raw.count(b"\t") == n_columns - 1:
-                        raw.decode("utf-8")
-                        row_id = raw.rstrip(b"\r\n").split(b"\t")[id_col]
-                    else:
-                        row_id = _parse_row(raw, n_columns)[id_col].encode("utf-8")
-                    if not row_id.strip():
-                        raise ValueError("empty id")
+                    row_id = _row_id(raw, n_columns, id_col)
                 except (ValueError, UnicodeDecodeError) as e:
                     n_bad += 1
                     reason = str(e) if not isinstance(e, UnicodeDecodeError) else "not valid UTF-8"
@@ -227,7 +231,6 @@ class PassageStore:
                 if len(ids) >= 1 << 20:  # keep the Python bytes objects few
                     id_chunks.append(np.array(ids, dtype=bytes))
                     ids = []
-            bar.update(pending)
         id_chunks.append(np.array(ids, dtype=bytes))
         all_ids = np.concatenate(id_chunks) if id_chunks else np.array([], dtype=bytes)
 
