@@ -13,21 +13,40 @@ from __future__ import annotations
 
 import time
 
-import torch
 from tqdm import tqdm
 
-from src.cli import cli, init_logger
+from src.cli import cli, init_logger, warn_ignored
 from src.datasets import format_passage
+from src.devices import default_device, resolve_precision
 from src.embedding import embed_texts, pools_over_padding, shard_path, shard_range, write_shard
 from src.errors import DataError, PassageFileError
 from src.options import Options
 from src.passages import PassageStore
 from src.retriever import load_retriever
 
+# Shared option groups: accepted (the original's scripts shared them), unused here: no run
+# directory (the shard goes to --output_path), no process group (one process per shard,
+# --device picks the GPU), no randomness, no training, no DataLoader.
+IGNORED = (
+    "name",
+    "checkpoint_dir",
+    "model_name_or_path",
+    "maxload",
+    "local_rank",
+    "main_port",
+    "seed",
+    "eval_freq",
+    "save_freq",
+    "eval_print_freq",
+    "num_workers",
+)
+
 
 def get_options(argv=None):
     options = Options("Embed one shard of a passages .tsv with a trained retriever.")
     options.add_embedding_options()
+    options.mark_ignored(IGNORED)
+    options.set_help("model_path", "the retriever: a directory saved by train_retriever.py (required)")
     options.parser.set_defaults(per_gpu_batch_size=32)
     g = options.parser.add_argument_group("embedding extras")
     g.add_argument(
@@ -41,11 +60,13 @@ def get_options(argv=None):
 def main(argv=None) -> None:
     opt = get_options(argv)
     logger = init_logger(None)
+    warn_ignored(opt, IGNORED, logger)
     if not opt.passages:
         raise DataError("--passages is required (a .tsv with columns id, text, title)")
     if opt.model_path in (None, "none"):
         raise DataError("--model_path is required (a directory saved by train_retriever.py)")
-    device = torch.device(opt.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    opt.device = device = default_device(opt.device)
+    opt.precision = resolve_precision(opt.precision, device)
 
     try:
         store = PassageStore(opt.passages)
@@ -69,12 +90,11 @@ def main(argv=None) -> None:
 
     model, tokenizer = load_retriever(opt.model_path, opt, logger, trained=True)
     model = model.eval().to(device)
-    fp16 = device.type == "cuda" and not opt.no_fp16
     fixed_padding = opt.no_sort_by_length or pools_over_padding(model, "passage")
     logger.info(
         "device %s, %s, batch %d, %s",
         device,
-        "fp16" if fp16 else "fp32",
+        opt.precision,
         opt.per_gpu_batch_size,
         "fixed padding" if fixed_padding else "length-sorted batches with dynamic padding",
     )
@@ -89,7 +109,7 @@ def main(argv=None) -> None:
             batch_size=opt.per_gpu_batch_size,
             max_length=opt.passage_maxlength,
             device=device,
-            fp16=fp16,
+            precision=opt.precision,
             sort_by_length=not opt.no_sort_by_length,
             pad_to_max_length=fixed_padding,
             progress=bar,

@@ -22,11 +22,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from src.cli import cli, init_logger
+from src.cli import cli, init_logger, warn_ignored
 from src.datasets import format_question
+from src.devices import default_device, resolve_precision
 from src.embedding import check_shard, embed_texts, pools_over_padding, read_shard
 from src.errors import DataError, EmbeddingFileError, PassageFileError
 from src.evaluation import retrieval_hits, top_k_accuracy
@@ -38,10 +38,50 @@ from src.retriever import load_retriever
 
 REPORTED_K = (1, 5, 20, 100)
 
+# Shared option groups and the original's command lines: accepted, unused here. No run
+# directory (the log goes beside --output_path), no process group, no randomness, no
+# training, no DataLoader; passages are embedded by generate_passage_embeddings.py.
+IGNORED = (
+    "name",
+    "checkpoint_dir",
+    "model_name_or_path",
+    "local_rank",
+    "main_port",
+    "seed",
+    "eval_freq",
+    "save_freq",
+    "eval_print_freq",
+    "num_workers",
+    "passage_maxlength",
+)
+# What only retrieval reads: ignored with --evaluate_only.
+RETRIEVAL_ONLY = (
+    "model_path",
+    "tokenizer_name_or_path",
+    "per_gpu_batch_size",
+    "precision",
+    "no_fp16",
+    "device",
+    "passages",
+    "passages_embeddings",
+    "n_docs",
+    "save_or_load_index",
+    "question_maxlength",
+    "indexing_batch_size",
+    "n_subquantizers",
+    "n_bits",
+    "index_type",
+    "n_lists",
+    "n_probe",
+    "allow_pickle_embeddings",
+)
+
 
 def get_options(argv=None):
     options = Options("Retrieve passages for questions with a trained retriever and a FAISS index.")
     options.add_retrieval_options()
+    options.mark_ignored(IGNORED)
+    options.set_help("model_path", "the retriever: a directory saved by train_retriever.py (required)")
     options.parser.set_defaults(per_gpu_batch_size=64)
     g = options.parser.add_argument_group("retrieval extras")
     g.add_argument(
@@ -61,7 +101,7 @@ def get_options(argv=None):
         "--evaluate_only",
         action="store_true",
         help="no retrieval: recompute hasanswer and top-k accuracy of the retrieval file --data "
-        "(and write it to --output_path if given)",
+        "(and write it to --output_path if given); the retrieval flags are then ignored, with a warning",
     )
     return options.parse(argv)
 
@@ -120,17 +160,36 @@ def build_index(files: list[str], dim: int, opt, logger: logging.Logger) -> Inde
     return indexer
 
 
+def index_kind(opt) -> str:
+    return opt.index_type or ("pq" if opt.n_subquantizers > 0 else "flat")
+
+
+def unused_index_flags(opt) -> dict[str, str]:
+    """{flag: why} of the index flags that the chosen kind of index does not read."""
+    kind = index_kind(opt)
+    unused = {}
+    if kind != "ivf":
+        unused.update(dict.fromkeys(("n_lists", "n_probe"), f"only --index_type ivf reads it (this index: {kind})"))
+    if kind != "pq":
+        unused.update(dict.fromkeys(("n_subquantizers", "n_bits"), f"only a pq index reads it (this index: {kind})"))
+    return unused
+
+
 def get_index(files: list[str], dim: int, opt, logger: logging.Logger) -> Indexer:
     index_dir = Path(files[0]).parent
     signature = {
         "shards": shards_signature(files),
-        "kind": opt.index_type or ("pq" if opt.n_subquantizers > 0 else "flat"),
+        "kind": index_kind(opt),
         "n_subquantizers": opt.n_subquantizers,
         "n_bits": opt.n_bits,
     }
+    if signature["kind"] == "ivf":
+        signature["n_lists"] = opt.n_lists  # n_probe is a search setting: set on the loaded index
     if opt.save_or_load_index and Indexer.exists(index_dir):
         if Indexer.read_meta(index_dir).get("extra") == signature:
-            return Indexer.deserialize_from(index_dir)
+            indexer = Indexer.deserialize_from(index_dir)
+            indexer.set_n_probe(opt.n_probe)
+            return indexer
         logger.warning("index in %s was built from other shards or settings; rebuilding it", index_dir)
     t0 = time.time()
     indexer = build_index(files, dim, opt, logger)
@@ -200,6 +259,11 @@ def main(argv=None) -> None:
             log.removeHandler(held)
             log.addHandler(handler)
 
+    warn_ignored(opt, IGNORED, logger)
+    if opt.evaluate_only:
+        warn_ignored(opt, RETRIEVAL_ONLY, logger, reason="--evaluate_only retrieves nothing")
+    else:
+        warn_ignored(opt, unused_index_flags(opt), logger)
     if not opt.data:
         raise DataError("--data (or --data_path) is required: the question file")
     workers = max(1, min(opt.validation_workers, os.cpu_count() or 1))
@@ -225,10 +289,11 @@ def main(argv=None) -> None:
         raise DataError(str(e)) from None
     files = embedding_files(opt.passages_embeddings, opt.allow_pickle_embeddings)
 
-    device = torch.device(opt.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    opt.device = device = default_device(opt.device)
+    opt.precision = resolve_precision(opt.precision, device)
     model, tokenizer = load_retriever(opt.model_path, opt, logger, trained=True)
     model = model.eval().to(device)
-    fp16 = device.type == "cuda" and not opt.no_fp16
+    logger.info("embedding questions on %s in %s", device, opt.precision)
     with tqdm(total=len(examples), desc="embedding questions", unit="q") as bar:
         questions = embed_texts(
             model.embed_questions,
@@ -237,7 +302,7 @@ def main(argv=None) -> None:
             batch_size=opt.per_gpu_batch_size,
             max_length=opt.question_maxlength,
             device=device,
-            fp16=fp16,
+            precision=opt.precision,
             pad_to_max_length=pools_over_padding(model, "question"),
             progress=bar,
         )  # (n_questions, dim)

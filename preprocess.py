@@ -34,7 +34,7 @@ from src.cli import cli, init_logger
 from src.errors import DataError, PassageFileError
 from src.evaluation import has_answer
 from src.passages import PassageStore
-from src.questions import json_error, parse_score, utf8_error, write_questions
+from src.questions import iter_entries, json_error, parse_score, utf8_error, write_questions
 
 logger = logging.getLogger("fid")
 
@@ -44,7 +44,7 @@ DPR_ID_PREFIX = "wiki:"  # newer DPR versions write passage ids as "wiki:123"
 
 
 # ---------------------------------------------------------------------------
-# Reading JSON, JSON lines and TSV with errors that say where
+# Reading inputs with errors that say where (JSON question files: src.questions)
 # ---------------------------------------------------------------------------
 
 
@@ -55,7 +55,7 @@ def require_file(path: Path, what: str) -> Path:
 
 
 def read_json(path: Path, what: str) -> Any:
-    """A whole JSON file (index files, passage-id lists, TriviaQA)."""
+    """A whole JSON file (split indices, passage-id lists, JSON runs); question files: iter_records."""
     require_file(path, what)
     with open(path, encoding="utf-8-sig") as f:
         try:
@@ -87,131 +87,11 @@ def checked_records(read: Callable[..., Iterator[tuple[str, Any]]]) -> Callable[
     return wrapper
 
 
-@checked_records
-def iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    """("line N", object) for each non-blank line."""
-    with open(path, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                yield f"line {lineno}", json.loads(line)
-            except json.JSONDecodeError as e:
-                raise json_error(path, e, lineno) from None
-
-
-@checked_records
-def iter_json_list(path: Path, chunk_chars: int = 1 << 20) -> Iterator[tuple[str, Any]]:
-    """("line N", object) for each object of a top-level JSON list, without loading the file.
-
-    A DPR output for NQ train is several GB; json.load would need many times that.
-    We decode one element at a time from a sliding buffer, reading more text when an
-    element is cut by the buffer's end. Elements must be objects: an object is only
-    complete at its closing brace, so a cut one can never decode by mistake.
-    """
-    decoder = json.JSONDecoder()
-    with open(path, encoding="utf-8-sig") as f:
-        buf, pos, eof = "", 0, False
-        line_base, counted = 1, 0  # line number at buf[counted]
-
-        def line_at(i: int) -> int:
-            nonlocal line_base, counted
-            line_base += buf.count("\n", counted, i)
-            counted = i
-            return line_base
-
-        def fill() -> bool:
-            """Drop consumed text, append the next chunk; False at end of file."""
-            nonlocal buf, pos, counted, eof
-            line_at(pos)
-            buf, counted, pos = buf[pos:], 0, 0
-            chunk = f.read(chunk_chars)
-            eof = not chunk
-            buf += chunk
-            return bool(chunk)
-
-        def next_char() -> str:
-            """Skip whitespace; the next character ('' at end of file)."""
-            nonlocal pos
-            while True:
-                while pos < len(buf) and buf[pos] in " \t\r\n":
-                    pos += 1
-                if pos < len(buf):
-                    return buf[pos]
-                if not fill():
-                    return ""
-
-        def fail(message: str) -> DataError:
-            return DataError(f"{path}, line {line_at(pos)}: {message}")
-
-        if next_char() != "[":
-            raise fail("expected a JSON list of examples '[{...}, ...]' (or name the file .jsonl for JSON lines)")
-        pos += 1
-        first = True
-        while True:
-            c = next_char()
-            if c == "]":
-                pos += 1
-                if next_char() != "":
-                    raise fail("unexpected text after the end of the list")
-                return
-            if not first:
-                if c != ",":
-                    raise fail(
-                        "expected ',' or ']' between examples" if c else "file ends inside the list (truncated?)"
-                    )
-                pos += 1
-                c = next_char()
-            if c != "{":
-                raise fail("expected an object '{...}'" if c else "file ends inside the list (truncated?)")
-            while True:
-                try:
-                    obj, end = decoder.raw_decode(buf, pos)
-                    break
-                except json.JSONDecodeError as e:
-                    if not eof:  # maybe only cut by the buffer's end: read on and retry
-                        fill()
-                        continue
-                    lineno = line_at(pos) + buf.count("\n", pos, e.pos)
-                    cut = e.msg.startswith("Unterminated string") or e.pos >= len(buf.rstrip())
-                    hint = "; the file ends in the middle of an example: is it truncated?" if cut else ""
-                    raise DataError(f"{path}, line {lineno}: invalid JSON ({e.msg}{hint})") from None
-            yield f"line {line_at(pos)}", obj
-            pos, first = end, False
-
-
-@checked_records
-def iter_json_records(path: Path, wrappers: tuple[str, ...] = ("Data",)) -> Iterator[tuple[str, Any]]:
-    """Records of a .jsonl file, a JSON list, or (keys in `wrappers`) a TriviaQA file ({"Data": [...]}),
-    with where they are."""
+def iter_records(path: Path, wrappers: tuple[str, ...] = ("Data",)) -> Iterator[tuple[str, Any]]:
+    """("line N" or "Data[i]", record) of a JSON list, JSON lines (whatever the file's name) or, with
+    keys in `wrappers`, a TriviaQA file ({"Data": [...]}); streamed (questions.iter_entries)."""
     require_file(path, "input")
-    if path.suffix == ".jsonl":
-        yield from iter_jsonl(path)
-        return
-    with open(path, encoding="utf-8-sig") as f:
-        head = f.read(4096).lstrip()
-    if not head and path.stat().st_size <= 4096:
-        return  # empty: @checked_records says so
-    if head.startswith("["):
-        yield from iter_json_list(path)
-        return
-    try:
-        data = read_json(path, "input")
-    except DataError as e:
-        if "Extra data" in str(e):  # one object per line, but named .json
-            yield from iter_jsonl(path)
-            return
-        raise
-    for key in wrappers:  # TriviaQA's {"Data": [...]}
-        if isinstance(data, dict) and isinstance(data.get(key), list):
-            for i, record in enumerate(data[key]):
-                yield f"{key}[{i}]", record
-            return
-    expected = "a JSON list [{...}, ...] or JSON lines" + (f", or {{'{wrappers[0]}': [...]}}" if wrappers else "")
-    if isinstance(data, dict):
-        keys = ", ".join(repr(k) for k in list(data)[:5]) + (", ..." if len(data) > 5 else "")
-        raise DataError(f"{path}: expected {expected}, found a JSON object {{{keys}}}")
-    raise DataError(f"{path}: expected {expected}; found a {type(data).__name__}")
+    return checked_records(iter_entries)(path, by_line=True, wrappers=wrappers, lines_in_json=True)
 
 
 def parse_answers(text: str, where: str) -> list[str]:
@@ -255,7 +135,7 @@ def iter_question_records(path: Path) -> Iterator[tuple[str, Any]]:
     """("line N" or "Data[i]", record) of a question file, by its suffix and first character."""
     if path.suffix in (".csv", ".tsv"):
         return iter_qa_tsv(path)
-    return iter_json_records(path)
+    return iter_records(path)
 
 
 # ---------------------------------------------------------------------------
@@ -423,7 +303,7 @@ def fid_inputs(download_dir: Path, datasets: list[str], splits: list[str]) -> di
 
 def read_source(dataset: str, path: Path) -> list[tuple[str, dict]]:
     """The public question file, as (where, question) in file order; TriviaQA keeps its QuestionId."""
-    records = iter_jsonl(path) if dataset == "NQ" else iter_json_records(path)
+    records = iter_records(path)  # NQ-open: JSON lines (.jsonl), TriviaQA: {"Data": [...]}
     out = []
     for k, (where, record) in enumerate(tqdm(records, desc=f"reading {path.name}")):
         where = f"{path}, {where}"
@@ -575,7 +455,7 @@ def convert_dpr_example(
 def run_dpr(args: argparse.Namespace) -> None:
     source, output = Path(args.input), Path(args.output)
     lookup = PassageLookup(open_passages(Path(args.passages)), args.skip_missing_passages) if args.passages else None
-    records = iter_json_records(source, wrappers=())
+    records = iter_records(source, wrappers=())
     examples = (
         convert_dpr_example(record, f"{source}, {where}", k, lookup, args.n_docs)
         for k, (where, record) in enumerate(tqdm(records, desc=f"converting {source.name}"))

@@ -14,30 +14,45 @@ see, keep their old score as 'retriever_score'.
 from __future__ import annotations
 
 from src import dist
-from src.cli import cli, start_run
+from src.cli import cli, start_run, warn_ignored
 from src.datasets import ReaderCollator, ReaderDataset
 from src.files import atomic_write
 from src.options import Options
-from src.questions import load_questions, write_questions
+from src.questions import load_questions, require_targets, write_questions
 from src.reader import exact_match, generate_answers, load_reader
-from src.scores import attach_scores
+from src.scores import SCORE_KINDS, attach_scores
 
-# Shared option groups: accepted (the original's scripts shared them), unused here.
-IGNORED = ("train_data", "use_checkpoint", "answer_maxlength", "eval_freq", "save_freq")
+# Shared option groups: accepted (the original's scripts shared them), unused here. Nothing
+# here draws a random number (greedy or beam decoding), so --seed changes nothing.
+IGNORED = ("train_data", "use_checkpoint", "answer_maxlength", "eval_freq", "save_freq", "seed")
+# Used only with --write_crossattention_scores.
+SCORES_ONLY = {"score_kind": "it only matters with --write_crossattention_scores"}
 
 
 def main(argv: list[str] | None = None) -> None:
     options = Options("Evaluate a FiD reader; export answers and cross-attention scores.")
     options.add_reader_options()
     options.add_eval_options()
+    options.mark_ignored(IGNORED)
+    options.set_help("model_path", "the reader to evaluate: a checkpoint directory (required)")
+    options.set_help(
+        "model_name_or_path",
+        "only the tokenizer here: used when --model_path holds none and no --tokenizer_name_or_path is given "
+        "(default: t5-<model_size>)",
+    )
+    options.set_help("model_size", "t5 size of the fallback tokenizer t5-<size> (see --model_name_or_path)")
     opt = options.parse(argv)
     if opt.model_path == "none":
         options.parser.error("--model_path is required (a reader checkpoint directory)")
     # The data is checked before the run directory is touched and before a large model loads.
     examples = load_questions(opt.eval_data, opt.maxload, rank=True)
+    if opt.write_crossattention_scores and SCORE_KINDS[opt.score_kind].needs_target:
+        require_targets(examples, opt.eval_data, why=f"--score_kind {opt.score_kind} scores the gold answer")
     run_dir, logger = start_run(opt, ignored=IGNORED)
+    if not opt.write_crossattention_scores:
+        warn_ignored(opt, SCORES_ONLY, logger)
 
-    dataset = ReaderDataset(examples, opt.n_context, opt.no_title, source=opt.eval_data)
+    dataset = ReaderDataset(examples, opt.n_context, opt.no_title, source=opt.eval_data, first_answer=True)
     model, tokenizer = load_reader(opt.model_path, opt, logger)
     model = model.to(opt.device)
     collator = ReaderCollator(tokenizer, opt.text_maxlength, opt.n_context)

@@ -17,21 +17,28 @@ directories with the tokenizer, loadable by `generate_passage_embeddings.py
 from __future__ import annotations
 
 from src import checkpoint, dist
-from src.cli import cli, start_run
+from src.cli import cli, start_run, warn_ignored
 from src.datasets import RetrieverDataset
 from src.modeling import count_params, set_dropout
+from src.optim import unused_flags
 from src.options import Options
 from src.questions import load_questions
 from src.retriever import load_retriever, retriever_task
 from src.trainer import train
+
+# Every flag of the groups this script takes is used here; those optimisation flags that the
+# chosen --optim / --scheduler do not read get a warning when set (optim.unused_flags).
+IGNORED: tuple[str, ...] = ()
 
 
 def main(argv: list[str] | None = None) -> None:
     options = Options("Distil a reader's passage scores into a bi-encoder retriever.")
     options.add_retriever_options()
     options.add_optim_options()
+    options.mark_ignored(IGNORED)
     opt = options.parse(argv)
-    run_dir, logger = start_run(opt, lock=True)
+    run_dir, logger = start_run(opt, lock=True, ignored=IGNORED)
+    warn_ignored(opt, unused_flags(opt), logger)
 
     # Data first: a bad file should fail before a large model loads.
     train_examples = load_questions(opt.train_data, opt.maxload, rank=True)

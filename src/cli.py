@@ -7,6 +7,7 @@ import logging
 import os
 import random
 import sys
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,8 @@ from .errors import InputError, RunDirectoryBusy
 from .options import ignored_flags, save_options
 
 logger = logging.getLogger("fid")
+
+SHARED = "it only matters to other scripts"
 
 
 def init_logger(run_dir: str | Path | None = None, is_main: bool = True) -> logging.Logger:
@@ -41,7 +44,9 @@ def set_seed(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def start_run(opt, lock: bool = False, ignored: tuple[str, ...] = ()) -> tuple[Path, logging.Logger]:
+def start_run(
+    opt, lock: bool = False, ignored: tuple[str, ...] | Mapping[str, str] = ()
+) -> tuple[Path, logging.Logger]:
     """The start of every training/evaluation script: process group, seed (offset by rank so
     ranks draw different dropout), run directory `checkpoint_dir/name`, logger (run.log on
     rank 0), and the options saved as opt.log / options.json. Returns (run_dir, logger).
@@ -49,7 +54,7 @@ def start_run(opt, lock: bool = False, ignored: tuple[str, ...] = ()) -> tuple[P
     With `lock` (training), global rank 0 first takes the run directory's lock, so a second
     run on the same directory stops before it touches anything (see runlock.py).
     `ignored`: flags the script accepts (shared option groups) but does not use; each one
-    given a non-default value gets a warning."""
+    given a non-default value gets a warning (warn_ignored)."""
     run_dir = Path(opt.checkpoint_dir) / opt.name
     if lock and int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
         runlock.acquire(run_dir)
@@ -62,10 +67,17 @@ def start_run(opt, lock: bool = False, ignored: tuple[str, ...] = ()) -> tuple[P
     return run_dir, log
 
 
-def warn_ignored(opt, ignored: tuple[str, ...], log: logging.Logger = logger) -> None:
+def warn_ignored(
+    opt, ignored: tuple[str, ...] | Mapping[str, str], log: logging.Logger = logger, reason: str = SHARED
+) -> None:
+    """One warning for each flag of `ignored` (option dests) that the user set to something
+    other than its default. `ignored`: names, all for `reason`, or {name: reason}."""
+    reasons = dict(ignored) if isinstance(ignored, Mapping) else dict.fromkeys(ignored, reason)
     script = Path(sys.argv[0]).name
-    for flag in ignored_flags(opt, ignored):
-        log.warning("%s ignores --%s (set to %r): it only matters to other scripts", script, flag, getattr(opt, flag))
+    flags = getattr(opt, "_flags", {})
+    for name in ignored_flags(opt, tuple(reasons)):
+        flag = flags.get(name, f"--{name}")
+        log.warning("%s ignores %s (set to %r): %s", script, flag, getattr(opt, name), reasons[name])
 
 
 def cli(main) -> None:

@@ -38,11 +38,21 @@ class ReaderDataset(torch.utils.data.Dataset):
     """Question + its first `n_context` passages, as strings.
 
     The training target is `target` if given, else a random answer; the choice is a
-    function of (seed, epoch, index) so a resumed run sees the same targets.
+    function of (seed, epoch, index) so a resumed run sees the same targets. With
+    `first_answer` (scoring the gold answer, scores.py) it is the first answer instead.
     """
 
-    def __init__(self, examples: list[dict], n_context: int, no_title: bool = False, seed: int = 0, source: str = ""):
+    def __init__(
+        self,
+        examples: list[dict],
+        n_context: int,
+        no_title: bool = False,
+        seed: int = 0,
+        source: str = "",
+        first_answer: bool = False,
+    ):
         self.examples = examples
+        self.first_answer = first_answer
         self.n_context = n_context
         self.no_title = no_title
         self.seed, self.epoch = seed, 0
@@ -69,6 +79,8 @@ class ReaderDataset(torch.utils.data.Dataset):
         answers = ex.get("answers") or []
         if not answers:
             return None
+        if self.first_answer:
+            return answers[0]
         return random.Random(f"{self.seed}-{self.epoch}-{index}").choice(answers)
 
     def __getitem__(self, index: int) -> dict[str, Any]:

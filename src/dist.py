@@ -165,3 +165,23 @@ def destroy() -> None:
     if is_distributed():
         dist.destroy_process_group()
     runlock.release()
+
+
+def gather_with_local_grad(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's `t` concatenated along dim 0, in rank order; only this rank's part
+    carries gradients (the others are copies). Ranks may hold different numbers of rows.
+    One process: `t` itself."""
+    if not is_distributed():
+        return t
+    device = _device()
+    size = torch.tensor([t.shape[0]], device=device)
+    sizes = [torch.zeros_like(size) for _ in range(get_world_size())]
+    dist.all_gather(sizes, size)
+    longest = int(max(s.item() for s in sizes))
+    padded = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype, device=device)
+    padded[: t.shape[0]] = t.detach().to(device)
+    parts = [torch.zeros_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    parts = [p[: int(s.item())].to(t.device) for p, s in zip(parts, sizes)]
+    parts[get_rank()] = t
+    return torch.cat(parts)

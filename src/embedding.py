@@ -15,7 +15,6 @@ original code (a pickled `(ids, embeddings)` tuple) load only with `allow_pickle
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import pickle
@@ -27,6 +26,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .devices import precision_autocast
 from .errors import EmbeddingFileError
 from .files import atomic_write
 
@@ -49,7 +49,7 @@ def embed_texts(
     batch_size: int,
     max_length: int,
     device: torch.device | str = "cpu",
-    fp16: bool = False,
+    precision: str = "fp32",
     sort_by_length: bool = True,
     pad_to_max_length: bool = False,
     chunk_size: int | None = None,
@@ -59,12 +59,13 @@ def embed_texts(
 
     encode(input_ids (B, L), attention_mask (B, L)) -> (B, dim): e.g. retriever.embed_passages.
     Texts are tokenized `chunk_size` at a time (default 256 batches), so memory stays
-    bounded for a shard of any size. `progress`: a tqdm bar advanced by texts embedded.
+    bounded for a shard of any size. `precision`: fp32, bf16 or fp16, autocast on `device`
+    (devices.precision_autocast); the embeddings come back as float32 whatever it is.
+    `progress`: a tqdm bar advanced by texts embedded.
     """
     device = torch.device(device)
     chunk_size = chunk_size or batch_size * 256
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    use_fp16 = fp16 and device.type == "cuda"
     outputs: list[np.ndarray] = []
     for chunk in _chunks(texts, chunk_size):
         token_ids = tokenizer(chunk, truncation=True, max_length=max_length, add_special_tokens=True)["input_ids"]
@@ -82,7 +83,7 @@ def embed_texts(
                 mask[j, : lengths[r]] = 1
             ids_t = torch.from_numpy(ids).to(device)
             mask_t = torch.from_numpy(mask).to(device)
-            with torch.autocast("cuda", dtype=torch.float16) if use_fp16 else contextlib.nullcontext():
+            with precision_autocast(precision, device):
                 emb = encode(ids_t, mask_t)  # (B, dim)
             emb = emb.float().cpu().numpy()
             if chunk_out is None:

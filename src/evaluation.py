@@ -32,6 +32,15 @@ def ems(prediction: str, ground_truths: list[str]) -> bool:
     return any(exact_match(prediction, gt) for gt in ground_truths)
 
 
+def mean_em(predictions: list[str], gold_answers: list[list[str] | None]) -> tuple[float | None, int]:
+    """Mean `ems` over the (prediction, gold answers) pairs that have gold answers (None
+    when none have), and how many pairs that is."""
+    scores = [ems(prediction, gold) for prediction, gold in zip(predictions, gold_answers) if gold]
+    if not scores:
+        return None, 0
+    return sum(scores) / len(scores), len(scores)
+
+
 # ---------------------------------------------------------------------------
 # Retrieval: DPR hasanswer, top-k accuracy
 # ---------------------------------------------------------------------------
@@ -86,6 +95,13 @@ def top_k_accuracy(hits_per_question: list[list[bool]]) -> list[float]:
         found += found_at[r]
         accuracy.append(found / len(hits_per_question))
     return accuracy
+
+
+def top_k_accuracy_at(hits_per_question: list[list[bool]], ks) -> dict[int, float]:
+    """`top_k_accuracy` at the given k's, {k: accuracy}; a k beyond the longest ranking
+    counts whole lists, and no questions (or no passages at all) give 0.0."""
+    accuracy = top_k_accuracy(hits_per_question)
+    return {k: accuracy[min(k, len(accuracy)) - 1] if accuracy else 0.0 for k in ks}
 
 
 def _hits_of(item: tuple[list[str], list[str]]) -> list[bool]:

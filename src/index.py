@@ -72,6 +72,12 @@ class Indexer:
     def __len__(self) -> int:
         return self.index.ntotal
 
+    def set_n_probe(self, n_probe: int) -> None:
+        """IVF: lists searched per query (a search setting; no rebuild). Other kinds: nothing."""
+        self.config["n_probe"] = n_probe
+        if self.kind == "ivf":
+            faiss.extract_index_ivf(self.index).nprobe = n_probe
+
     @property
     def ids(self) -> np.ndarray:
         """Passage id of every FAISS row, in row order."""

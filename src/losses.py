@@ -66,3 +66,31 @@ def kl_loss(
     log_p, log_q = log_p.masked_fill(~valid, 0.0), log_q.masked_fill(~valid, 0.0)
     kl = (log_p.exp() * valid * (log_p - log_q)).sum(dim=-1)  # (B,)
     return kl.mean()
+
+
+@register("emdr")
+def emdr_loss(
+    scores: torch.Tensor,
+    gold_scores: torch.Tensor,
+    temperature_gold: float = 1.0,
+    temperature_score: float = 1.0,
+    negative_scores: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """EMDR² (Sachan et al., 2021), sequence level: −log Σ_k softmax(s/T_score)_k · exp(g_k)
+    with g = log p(y | q, passage k) (`--score_kind answer_logprob`), averaged over questions.
+
+    The answer's likelihood marginalised over the retrieved passages, with the retriever
+    as the prior. By logsumexp, so that exp(g) never underflows. T_gold does not apply
+    (g is a log-probability). Atlas marginalises per token instead (its reader is trained
+    jointly); here the reader is fixed and exported one sequence score per passage.
+    `negative_scores` join the prior's softmax with likelihood 0.
+    """
+    scores, gold_scores = scores.float(), gold_scores.float().to(scores.device)
+    valid = torch.isfinite(gold_scores) & torch.isfinite(scores)  # (B, N)
+    neg_inf = torch.tensor(-math.inf, device=scores.device)
+    prior = torch.where(valid, scores / temperature_score, neg_inf)  # (B, N)
+    if negative_scores is not None:
+        prior = torch.cat([prior, negative_scores.float() / temperature_score], dim=-1)  # (B, N + M)
+    log_prior = torch.log_softmax(prior, dim=-1)[:, : scores.size(-1)]  # (B, N)
+    joint = torch.where(valid, log_prior + gold_scores, neg_inf)  # log prior_k + log p(y | k)
+    return -torch.logsumexp(joint, dim=-1).mean()

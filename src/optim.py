@@ -37,3 +37,17 @@ def set_optim(opt, model: torch.nn.Module):
         raise ValueError(f"unknown optimizer {opt.optim!r} (adam or adamw)")
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(opt))
     return optimizer, scheduler
+
+
+def unused_flags(opt) -> dict[str, str]:
+    """{flag: why} of the optimisation flags that the chosen `--optim` / `--scheduler` do not
+    read (cli.warn_ignored warns for those set on the command line)."""
+    unused = {}
+    if opt.optim != "adamw":
+        unused["weight_decay"] = "only --optim adamw decays weights (adam has no weight decay, as in the original)"
+    if opt.scheduler != "linear":
+        for flag in ("warmup_steps", "scheduler_steps", "fixed_lr"):
+            unused[flag] = "only --scheduler linear reads it (fixed: a constant lr)"
+    elif opt.fixed_lr:
+        unused["scheduler_steps"] = "with --fixed_lr the lr stays flat after warmup"
+    return unused

@@ -4,7 +4,10 @@ Scripts pick the groups they need; `save_options` writes the parsed options as p
 JSON (never a pickled argparse object) and a readable `opt.log` marking non-defaults.
 The choices of `--score_kind` and `--retriever_loss` are the names in their registries
 (scores.py, losses.py). A script that accepts a shared flag it does not use names it
-in `ignored_flags`, which warns when the user sets it.
+in its `IGNORED`: `mark_ignored` says so in its --help and `cli.warn_ignored` (through
+`ignored_flags`) warns when the user sets it. `--precision` is the same everywhere
+(devices.py); the corpus scripts default it to the original's fp16 on GPU / fp32 on CPU
+and take `--no_fp16` for `--precision fp32`.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .devices import PRECISIONS
 from .files import atomic_write
 from .losses import LOSSES
 from .scores import SCORE_KINDS
@@ -71,9 +75,11 @@ class Options:
         g.add_argument("--eval_print_freq", type=int, default=1000, help="log evaluation progress this often")
         g.add_argument(
             "--precision",
-            choices=["fp32", "bf16", "fp16"],
+            choices=list(PRECISIONS),
             default="fp32",
-            help="autocast precision (bf16/fp16 on GPU; bf16 also works on recent CPUs)",
+            help="dtype of torch.autocast around the model on --device, the same in every script: fp32 (no "
+            "autocast), bf16 or fp16 (weights stay fp32; training in fp16 on GPU also scales the loss). bf16 "
+            "works on CPUs too; fp16 is meant for GPUs",
         )
         g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
         g.add_argument("--device", type=str, default=None, help="cuda / cpu (default: cuda when available)")
@@ -116,7 +122,7 @@ class Options:
         g.add_argument(
             "--in_batch_negatives",
             action="store_true",
-            help="training loss: the other questions' passages in the batch (same process) join each question's "
+            help="training loss: the other questions' passages of the global batch (all processes under DDP) join each question's "
             "softmax with gold probability 0 (not in the papers; the dev loss never uses them)",
         )
         g.add_argument(
@@ -129,15 +135,17 @@ class Options:
 
     def add_optim_options(self) -> None:
         g = self.parser.add_argument_group("optimisation")
-        g.add_argument("--warmup_steps", type=int, default=1000)
-        g.add_argument("--total_steps", type=positive_int, default=1000)
+        g.add_argument(
+            "--warmup_steps", type=int, default=1000, help="--scheduler linear: steps of the lr's rise from 0"
+        )
+        g.add_argument("--total_steps", type=positive_int, default=1000, help="training steps (batches)")
         g.add_argument(
             "--scheduler_steps",
             type=int,
             default=None,
-            help="total steps of the schedule (default: total_steps); the lr reaches 0 there",
+            help="--scheduler linear: total steps of the schedule (default: total_steps); the lr reaches 0 there",
         )
-        g.add_argument("--accumulation_steps", type=positive_int, default=1)
+        g.add_argument("--accumulation_steps", type=positive_int, default=1, help="batches per optimizer step")
         g.add_argument(
             "--dropout",
             type=float,
@@ -150,7 +158,7 @@ class Options:
         g.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping")
         g.add_argument("--optim", type=str, default="adam", choices=["adam", "adamw"])
         g.add_argument("--scheduler", type=str, default="fixed", choices=["fixed", "linear"])
-        g.add_argument("--weight_decay", type=float, default=0.1)
+        g.add_argument("--weight_decay", type=float, default=0.1, help="--optim adamw's weight decay (adam has none)")
         g.add_argument("--fixed_lr", action="store_true", help="linear scheduler: flat after warmup")
 
     def add_eval_options(self) -> None:
@@ -178,7 +186,7 @@ class Options:
         g.add_argument("--shard_id", type=int, default=0, help="which shard to embed")
         g.add_argument("--num_shards", type=positive_int, default=1, help="how many shards in all")
         g.add_argument("--passage_maxlength", type=positive_int, default=200, help="max passage tokens")
-        g.add_argument("--no_fp16", action="store_true", help="fp32 on GPU (fp16 is the default there)")
+        self._add_corpus_precision(g)
         g.add_argument("--no_title", action="store_true", help="leave passage titles out of the input")
 
     def add_retrieval_options(self) -> None:
@@ -191,16 +199,54 @@ class Options:
         g.add_argument("--n-docs", dest="n_docs", type=positive_int, default=100, help="passages per question")
         g.add_argument("--validation_workers", type=int, default=32, help="processes computing hasanswer")
         g.add_argument("--save_or_load_index", action="store_true", help="save the index, or load a saved one")
-        g.add_argument("--no_fp16", action="store_true", help="fp32 on GPU (fp16 is the default there)")
+        self._add_corpus_precision(g)
         g.add_argument("--passage_maxlength", type=positive_int, default=200, help="max passage tokens")
         g.add_argument("--question_maxlength", type=positive_int, default=40, help="max question tokens")
         g.add_argument("--indexing_batch_size", type=positive_int, default=50000, help="vectors added to FAISS at once")
         g.add_argument("--n-subquantizers", dest="n_subquantizers", type=int, default=0, help="PQ (0: flat)")
         g.add_argument("--n-bits", dest="n_bits", type=int, default=8, help="bits per PQ subquantizer")
 
+    def _add_corpus_precision(self, group) -> None:
+        """The corpus scripts' `--precision` defaults to the original's behaviour (None until
+        devices.resolve_precision: fp16 on GPU, fp32 on CPU); `--no_fp16` is `--precision fp32`."""
+        for action in self.parser._actions:
+            if action.dest == "precision":
+                action.default = None
+                action.help = (
+                    "dtype of torch.autocast around the encoder on --device, as in the training scripts: fp32 (no "
+                    "autocast), bf16 or fp16; embeddings are float32 whatever it is. Unset (None): the original's "
+                    "fp16 on GPU, fp32 on CPU. bf16 works on CPUs too"
+                )
+        group.add_argument(
+            "--no_fp16", action="store_true", help="the original's spelling of --precision fp32 (fp32 on GPU too)"
+        )
+
+    def mark_ignored(self, names: tuple[str, ...]) -> None:
+        """Flags this script accepts (shared groups, the original's command lines) but does not
+        use: their help says so; `cli.warn_ignored` warns when one is set."""
+        unknown = set(names) - {a.dest for a in self.parser._actions}
+        if unknown:
+            raise ValueError(f"no such flags to ignore: {sorted(unknown)}")
+        for action in self.parser._actions:
+            if action.dest in names:
+                action.help = f"IGNORED by this script (it matters to other scripts; a warning if set): {action.help}"
+
+    def set_help(self, dest: str, text: str) -> None:
+        """What a shared flag means in this script, when that differs from the group's help."""
+        actions = [a for a in self.parser._actions if a.dest == dest]
+        if not actions:
+            raise ValueError(f"no such flag: {dest}")
+        for action in actions:
+            action.help = text
+
     def parse(self, argv: list[str] | None = None) -> argparse.Namespace:
         opt = self.parser.parse_args(argv)
         opt._defaults = {a.dest: a.default for a in self.parser._actions if a.dest != "help"}
+        opt._flags = {a.dest: a.option_strings[0] for a in self.parser._actions if a.option_strings}
+        if getattr(opt, "no_fp16", False):
+            if opt.precision not in (None, "fp32"):
+                self.parser.error(f"--no_fp16 means --precision fp32; it contradicts --precision {opt.precision}")
+            opt.precision = "fp32"
         return opt
 
 

@@ -3,7 +3,8 @@
 Question file: a JSON list or JSON lines, one example per entry:
 `{id?, question, target?, answers?, ctxs: [{id?, title, text, score?, hasanswer?}]}`.
 Unknown fields are kept and written back untouched. Every script reads and writes
-question files here; errors name the file and the line or example.
+question files here; errors name the file and the line or example. Reading streams
+(`iter_entries`, one entry at a time; preprocess.py reads public files with it too).
 
 The reader and retriever scripts order each example's ctxs once, when they load it: by
 descending score when every ctx has one (DPR and our retrieval write them), else in file
@@ -13,11 +14,13 @@ written back to those (scores.attach_scores).
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
-from collections.abc import Iterable
+import re
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from .errors import DataError
 from .files import atomic_write
@@ -43,63 +46,191 @@ def json_error(
     lineno: int | None = None,
     expected: str = "a JSON list of examples, or JSON lines",
 ) -> DataError:
-    """'file, line N: invalid JSON (...)', saying when the file is empty or ends early (truncated).
-    `lineno`: the line of a JSON lines file that `e` is about."""
+    """'file, line N: invalid JSON (...)' for a whole JSON text, saying when it is empty or ends early
+    (truncated). `lineno`: the line of a JSON lines file that `e` is about."""
     if not e.doc.strip() and lineno is None:
         return DataError(f"{path}: empty file (expected {expected})")
+    cut = e.msg.startswith("Unterminated string") or e.pos >= len(e.doc.rstrip())
+    return _invalid_json(path, e.msg, e.lineno if lineno is None else lineno, e.colno, cut, lineno is not None)
+
+
+def _invalid_json(path: str | Path, msg: str, line: int, column: int, cut: bool, in_line: bool = False) -> DataError:
+    """`cut`: the error is at the end of the text (or in a string left open); `in_line`: of one JSON line."""
     hint = ""
-    if e.msg.startswith("Unterminated string") or e.pos >= len(e.doc.rstrip()):
+    if cut:
         hint = (
-            "; the text ends in the middle of a value: is the file truncated?"
-            if lineno is None
-            else "; the line ends in the middle of a value: truncated, or one example over several lines? "
+            "; the line ends in the middle of a value: truncated, or one example over several lines? "
             "(JSON lines hold one whole example per line)"
+            if in_line
+            else "; the text ends in the middle of a value: is the file truncated?"
         )
-    elif e.msg == "Extra data" and lineno is None:
+    elif msg == "Extra data" and not in_line:
         hint = "; one example per line? name the file .jsonl"
-    line = e.lineno if lineno is None else lineno
-    return DataError(f"{path}, line {line}: invalid JSON ({e.msg}, column {e.colno}{hint})")
+    return DataError(f"{path}, line {line}: invalid JSON ({msg}, column {column}{hint})")
 
 
-def _read_entries(path: Path) -> list[tuple[str, Any]]:
-    """(where, entry) pairs; `where` is 'line N' for JSON lines, 'example N' for a JSON list."""
+def iter_entries(
+    path: str | Path,
+    by_line: bool = False,
+    wrappers: tuple[str, ...] = (),
+    lines_in_json: bool = False,
+    chunk_chars: int = 1 << 20,
+) -> Iterator[tuple[str, Any]]:
+    """(where, entry) for each entry of a question file, streamed: one entry in memory at a time.
+
+    A .jsonl file is JSON lines (where: 'line N'); else a JSON list (where: 'example N', or with
+    `by_line` the line where the entry starts). Entries are not checked (validate_example); an
+    empty list yields nothing. `wrappers`: keys of an object that holds the list (TriviaQA's
+    {"Data": [...]}, where: 'Data[i]'; read whole). `lines_in_json`: a file of several JSON values
+    is JSON lines whatever its name (else an error that says to name it .jsonl). Errors are those
+    of json.load (same message, line and column), naming the file.
+    """
+    path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: no such file")
     if path.is_dir():
         raise DataError(f"{path}: a directory, not a question file")
     try:
         if path.suffix == ".jsonl":
-            entries, blank = [], True
-            with open(path, encoding="utf-8-sig") as f:
-                for lineno, line in enumerate(f, 1):
-                    if not line.strip():
-                        continue
-                    blank = False
-                    try:
-                        entries.append((f"line {lineno}", json.loads(line)))
-                    except json.JSONDecodeError as e:
-                        raise json_error(path, e, lineno) from None
-            if blank:
-                raise DataError(f"{path}: empty file (expected JSON lines, one example per line)")
-            return entries
+            yield from _iter_json_lines(path)
+            return
         with open(path, encoding="utf-8-sig") as f:
-            try:
-                data = json.load(f)
-            except json.JSONDecodeError as e:
-                raise json_error(path, e) from None
+            text = _JsonText(path, f, chunk_chars)
+            first = text.peek()
+            if not first:
+                raise DataError(f"{path}: empty file (expected a JSON list of examples, or JSON lines)")
+            if first == "[":
+                yield from text.list_entries(by_line)
+                return
+            data = text.value()
+            several = text.peek() != ""
+            if several and not lines_in_json:
+                raise text.error("Extra data")
+        if several:
+            yield from _iter_json_lines(path)
+            return
     except UnicodeDecodeError:
         raise utf8_error(path) from None
+    for key in wrappers:
+        if isinstance(data, dict) and isinstance(data.get(key), list):
+            for i, entry in enumerate(data[key]):
+                yield f"{key}[{i}]", entry
+            return
+    alternatives = "".join(f", or {{'{key}': [...]}}" for key in wrappers)
     if isinstance(data, dict):
         keys = ", ".join(repr(k) for k in list(data)[:5]) + (", ..." if len(data) > 5 else "")
         raise DataError(
             f"{path}: expected a JSON list of examples [{{...}}, ...] (or JSON lines, one example per line, "
-            f"in a .jsonl file), found a JSON object {{{keys}}}"
+            f"in a .jsonl file{alternatives}), found a JSON object {{{keys}}}"
         )
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of examples (or a .jsonl file), got {type(data).__name__}")
-    if not data:
-        raise DataError(f"{path}: no examples (an empty JSON list)")
-    return [(f"example {i}", ex) for i, ex in enumerate(data)]
+    raise DataError(
+        f"{path}: expected a JSON list of examples (or a .jsonl file{alternatives}), got {type(data).__name__}"
+    )
+
+
+def _iter_json_lines(path: Path) -> Iterator[tuple[str, Any]]:
+    blank = True
+    with open(path, encoding="utf-8-sig") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            blank = False
+            try:
+                entry = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise json_error(path, e, lineno) from None
+            yield f"line {lineno}", entry
+    if blank:
+        raise DataError(f"{path}: empty file (expected JSON lines, one example per line)")
+
+
+_DECODER = json.JSONDecoder()
+_NUMBER_CHARS = re.compile(r"[-+.eE0-9]*")
+
+
+class _JsonText:
+    """A JSON text read in chunks, decoded one value at a time from a sliding buffer.
+
+    A DPR output for NQ train is several GB; json.load would need many times that. A value cut
+    by the buffer's end is decoded again with more text: a failure near the end (or in a string
+    left open) may be the cut, and a success may be a cut number ("1.5" read as "1").
+    """
+
+    def __init__(self, path: Path, f: IO[str], chunk_chars: int):
+        self.path, self.f, self.chunk_chars = path, f, chunk_chars
+        self.buf, self.pos, self.eof = "", 0, False
+        self.offset = 0  # of buf[0] in the text
+        self.line, self.counted, self.line_start = 1, 0, 0  # line number at buf[counted], its start's offset
+
+    def line_at(self, i: int) -> int:
+        """The line number at buf[i] (i never goes back)."""
+        newline = self.buf.rfind("\n", self.counted, i)
+        if newline >= 0:
+            self.line += self.buf.count("\n", self.counted, i)
+            self.line_start = self.offset + newline + 1
+        self.counted = i
+        return self.line
+
+    def fill(self) -> bool:
+        """Drop the text before pos, append the next chunk (larger for a large value); False at the end."""
+        self.line_at(self.pos)
+        self.offset += self.pos
+        self.buf, self.counted, self.pos = self.buf[self.pos :], 0, 0
+        chunk = self.f.read(max(self.chunk_chars, len(self.buf)))
+        self.eof = not chunk
+        self.buf += chunk
+        return bool(chunk)
+
+    def peek(self) -> str:
+        """Skip whitespace; the next character ('' at the end)."""
+        while True:
+            while self.pos < len(self.buf) and self.buf[self.pos] in " \t\r\n":
+                self.pos += 1
+            if self.pos < len(self.buf):
+                return self.buf[self.pos]
+            if not self.fill():
+                return ""
+
+    def value(self) -> Any:
+        """Decode the value at pos and move past it."""
+        while True:
+            try:
+                value, end = _DECODER.raw_decode(self.buf, self.pos)
+            except json.JSONDecodeError as e:
+                if not self.eof and (e.msg.startswith("Unterminated string") or e.pos >= len(self.buf) - 32):
+                    self.fill()  # maybe only cut by the buffer's end: read on and retry
+                    continue
+                raise self.error(e.msg, e.pos) from None
+            if not self.eof and _NUMBER_CHARS.match(self.buf, end).end() == len(self.buf):
+                self.fill()
+                continue
+            self.pos = end
+            return value
+
+    def list_entries(self, by_line: bool) -> Iterator[tuple[str, Any]]:
+        """The entries of the list at pos, as json.load reads them, then the end of the text."""
+        self.pos += 1
+        if self.peek() == "]":
+            self.pos += 1
+        else:
+            for i in itertools.count():
+                self.peek()
+                where = f"line {self.line_at(self.pos)}" if by_line else f"example {i}"
+                yield where, self.value()
+                c = self.peek()
+                self.pos += 1
+                if c == "]":
+                    break
+                if c != ",":
+                    raise self.error("Expecting ',' delimiter", self.pos - 1)
+        if self.peek():
+            raise self.error("Extra data")
+
+    def error(self, msg: str, i: int | None = None) -> DataError:
+        i = self.pos if i is None else i
+        line = self.line_at(i)
+        cut = msg.startswith("Unterminated string") or i >= len(self.buf.rstrip())
+        return _invalid_json(self.path, msg, line, self.offset + i - self.line_start + 1, cut)
 
 
 def parse_score(value: Any, where: str) -> float:
@@ -142,8 +273,11 @@ def load_questions(path: str | Path, maxload: int = -1, rank: bool = False) -> l
     With `rank` (the reader and retriever scripts) each example's ctxs are put in ranking
     order (`rank_ctxs`), here and only here."""
     path = Path(path)
+    entries = list(iter_entries(path))  # every entry read (and its JSON checked) before any is used
+    if not entries:
+        raise DataError(f"{path}: no examples (an empty JSON list)")
     examples = []
-    for k, (where, ex) in enumerate(_read_entries(path)):
+    for k, (where, ex) in enumerate(entries):
         if 0 <= maxload <= k:
             break
         validate_example(ex, f"{path}, {where}")
@@ -187,8 +321,8 @@ def read_ctxs(ex: dict[str, Any], n_context: int) -> list[dict[str, Any]]:
     return (ex.get("ctxs") or [])[:n_context]
 
 
-def require_targets(examples: list[dict], path: str) -> None:
-    """Training needs a target or a non-empty answers list for every example."""
+def require_targets(examples: list[dict], path: str, why: str = "to train on") -> None:
+    """Training (and scoring the gold answer) needs a target or a non-empty answers list for every example."""
     for i, ex in enumerate(examples):
         if "target" not in ex and not ex.get("answers"):
-            raise DataError(f"{path}, example {i} (id {ex.get('id')}): no 'target' and no 'answers' to train on")
+            raise DataError(f"{path}, example {i} (id {ex.get('id')}): no 'target' and no 'answers' {why}")

@@ -20,7 +20,7 @@ from transformers import AutoTokenizer
 from . import dist
 from .datasets import ReaderCollator, ReaderDataset
 from .devices import autocast
-from .evaluation import ems
+from .evaluation import mean_em
 from .reader_model import FiDT5
 from .scores import generate_with_scores
 from .trainer import Task
@@ -97,6 +97,8 @@ def generate_answers(
     for i, batch in enumerate(bar):
         index, context_ids, context_mask = batch.index, batch.context_ids.to(device), batch.context_mask.to(device)
         kwargs = {"max_length": opt.generation_max_length, "num_beams": getattr(opt, "num_beams", 1)}
+        if with_scores and batch.labels is not None:
+            kwargs["labels"] = batch.labels.to(device)  # the likelihood kinds score the gold answer
         with autocast(opt):
             if with_scores:
                 generated, scores = generate_with_scores(
@@ -120,10 +122,7 @@ def generate_answers(
 
 def exact_match(results: list[dict[str, Any]], examples: list[dict[str, Any]]) -> tuple[float | None, int]:
     """Mean EM over the examples that have gold answers (None when none have), and their count."""
-    scores = [ems(r["answer"], examples[r["index"]]["answers"]) for r in results if examples[r["index"]].get("answers")]
-    if not scores:
-        return None, 0
-    return sum(scores) / len(scores), len(scores)
+    return mean_em([r["answer"] for r in results], [examples[r["index"]].get("answers") for r in results])
 
 
 def reader_task(opt, tokenizer, train_dataset: ReaderDataset, eval_dataset: ReaderDataset) -> Task:

@@ -12,6 +12,8 @@ import torch
 import transformers
 from torch import nn
 
+from .dist import gather_with_local_grad
+
 
 class RetrieverConfig(transformers.PretrainedConfig):
     """Configuration of the bi-encoder retriever: the encoder's own config plus how
@@ -173,27 +175,41 @@ class Retriever(transformers.PreTrainedModel):
         B, N, Lp = passage_ids.shape
         question = self.embed_questions(question_ids, question_mask)  # (B, d)
         passages = self.embed_passages(passage_ids.reshape(B * N, Lp), passage_mask.reshape(B * N, Lp))  # (B·N, d)
-        # Every question against every passage of the batch; its own are the diagonal blocks.
-        all_scores = (question @ passages.T).float() / math.sqrt(question.size(-1))  # (B, B·N)
         missing = passage_mask.reshape(B * N, Lp).sum(-1) == 0  # (B·N,)
-        all_scores = all_scores.masked_fill(missing, -math.inf)
-        own = torch.arange(B, device=all_scores.device)
-        scores = all_scores.view(B, B, N)[own, own]  # (B, N)
-        negatives = None
-        if in_batch_negatives:
-            negatives = all_scores.masked_fill(_own_or_copy(passage_ids, passage_mask), -math.inf)
-        return scores, negatives
+        scale = math.sqrt(question.size(-1))
+        # Every question against every passage of the batch; its own are the diagonal blocks.
+        local_scores = (question @ passages.T).float() / scale  # (B, B·N)
+        local_scores = local_scores.masked_fill(missing, -math.inf)
+        own = torch.arange(B, device=local_scores.device)
+        scores = local_scores.view(B, B, N)[own, own]  # (B, N)
+        if not in_batch_negatives:
+            return scores, None
+        # Every question against every passage of the global batch: under DDP the other
+        # ranks' passages join (their embeddings carry no gradient here; each rank's own
+        # get theirs through its own loss, as DDP averages the gradients).
+        fingerprints = passage_fingerprints(passage_ids, passage_mask)  # (B·N,)
+        all_passages = gather_with_local_grad(passages)  # (W·B·N, d)
+        all_missing = gather_with_local_grad(missing)
+        all_fingerprints = gather_with_local_grad(fingerprints)
+        all_scores = local_scores if all_passages is passages else (question @ all_passages.T).float() / scale
+        # Not a negative of question b: its own passages, copies of them anywhere in the
+        # global batch (the same passage retrieved for two questions), missing passages.
+        own_fingerprints = fingerprints.view(B, N)
+        excluded = (own_fingerprints[:, :, None] == all_fingerprints[None, None, :]).any(dim=1)  # (B, W·B·N)
+        excluded |= all_missing[None, :]
+        return scores, all_scores.masked_fill(excluded, -math.inf)
 
 
-def _own_or_copy(passage_ids: torch.Tensor, passage_mask: torch.Tensor) -> torch.Tensor:
-    """(B, B·N) mask of the batch's passages that may not serve as question b's in-batch
-    negatives: its own, and copies of its own in other questions' lists (the same passage
-    retrieved for two questions is not a negative of either)."""
+def passage_fingerprints(passage_ids: torch.Tensor, passage_mask: torch.Tensor) -> torch.Tensor:
+    """(B·N,) int64 hash of each passage's real tokens: equal texts, equal fingerprints,
+    whatever the padded length (integer arithmetic, exact on every device; wraps mod 2⁶⁴)."""
     B, N, Lp = passage_ids.shape
-    flat = (passage_ids * passage_mask).reshape(B * N, Lp)
-    _, passage_class = torch.unique(flat, dim=0, return_inverse=True)  # (B·N,) equal text, equal class
-    own_class = passage_class.view(B, N)  # (B, N)
-    return (own_class.unsqueeze(-1) == passage_class.view(1, 1, B * N)).any(dim=1)  # (B, B·N)
+    tokens = (passage_ids * passage_mask).reshape(B * N, Lp).long()
+    positions = torch.arange(1, Lp + 1, device=tokens.device, dtype=torch.long)
+    weights = positions * 0x9E3779B97F4A7C1 + 0x632BE59BD9B4E01  # distinct odd-ish weight per position
+    return ((tokens + 1) * weights * passage_mask.reshape(B * N, Lp)).sum(-1) * 31 + passage_mask.reshape(
+        B * N, Lp
+    ).sum(-1)
 
 
 def is_saved_retriever(path: str | Path) -> bool:

@@ -7,6 +7,11 @@ kind has the same signature:
     score(model, input_ids (B, N, L), attention_mask (B, N, L), **generate_kwargs)
         → (generated answers (B, T), scores (B, N) float32)
 
+Kinds registered with `needs_target` score the gold answer y (the example's `target`,
+else its first answer, + one EOS, as in training) and get `labels` (B, T), padding −100:
+the likelihood signals of Atlas (Izacard et al., 2022), `pdist`, `loop` and
+`answer_logprob`.
+
 A passage without any real token (padding for a missing ctx) scores 0.0 and changes
 neither the answers nor the other passages' scores. The cross-attention kinds read the
 decoder's cross-attention through forward hooks on its q/k(/v) projections, so T5's
@@ -39,14 +44,15 @@ class ScoreKind:
     name: str
     help: str
     score: Callable[..., tuple[torch.Tensor, torch.Tensor]]
+    needs_target: bool = False  # scores the gold answer y: called with labels=(B, T)
 
 
 SCORE_KINDS: dict[str, ScoreKind] = {}
 
 
-def register(name: str, help: str) -> Callable:
+def register(name: str, help: str, needs_target: bool = False) -> Callable:
     def add(fn: Callable) -> Callable:
-        SCORE_KINDS[name] = ScoreKind(name, help, fn)
+        SCORE_KINDS[name] = ScoreKind(name, help, fn, needs_target)
         return fn
 
     return add
@@ -56,10 +62,16 @@ def register(name: str, help: str) -> Callable:
 def generate_with_scores(
     model, input_ids: torch.Tensor, attention_mask: torch.Tensor, score_kind: str = "xattn", **generate_kwargs
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Answers (B, T) and one score per passage (B, N) of the kind `score_kind`."""
+    """Answers (B, T) and one score per passage (B, N) of the kind `score_kind`; kinds that
+    need a target take `labels` (B, T) among the keyword arguments."""
     if score_kind not in SCORE_KINDS:
         raise ValueError(f"unknown score_kind {score_kind!r}; expected one of {', '.join(SCORE_KINDS)}")
-    return SCORE_KINDS[score_kind].score(model, input_ids, attention_mask, **generate_kwargs)
+    kind = SCORE_KINDS[score_kind]
+    if not kind.needs_target:
+        generate_kwargs.pop("labels", None)
+    elif generate_kwargs.get("labels") is None:
+        raise ValueError(f"score_kind {score_kind} scores the gold answer: it needs labels (a target or answers)")
+    return kind.score(model, input_ids, attention_mask, **generate_kwargs)
 
 
 def attach_scores(example: dict[str, Any], scores: list[float], n_context: int) -> None:
@@ -240,3 +252,74 @@ def _teacher_forced_token_scores(
             encoder_outputs=encoder_outputs, attention_mask=mask, decoder_input_ids=decoder_input_ids, use_cache=False
         )
     return capture.token_scores()
+
+
+# ---------------------------------------------------------------------------
+# Likelihood kinds (Atlas): how well the reader predicts the gold answer y
+# ---------------------------------------------------------------------------
+
+
+def _token_logprobs(model, encoder_states, mask, labels) -> torch.Tensor:
+    """Teacher-forced log p(y_t | y_<t, encoder states): (B', T), 0 at padding (labels −100)."""
+    logits = model(
+        encoder_outputs=BaseModelOutput(last_hidden_state=encoder_states), attention_mask=mask, labels=labels
+    ).logits.float()  # (B', T, V)
+    valid = labels != -100
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    return logp * valid
+
+
+def _alone_logprobs(model, input_ids, attention_mask, labels, **generate_kwargs):
+    """Answers (B, T') and the (B, N, T) token log-probabilities of y given the question and
+    each passage alone (one encoder pass serves both)."""
+    B, N, L = input_ids.shape
+    encoder_outputs, mask = model.encode_passages(input_ids, attention_mask)  # (B, N·L, d), (B, N·L)
+    states = encoder_outputs.last_hidden_state.reshape(B * N, L, -1)  # one passage per row
+    per_passage_labels = labels.repeat_interleave(N, dim=0)  # (B·N, T)
+    logp = _token_logprobs(model, states, attention_mask.reshape(B * N, L), per_passage_labels).view(B, N, -1)
+    return _generate(model, input_ids, encoder_outputs, mask, **generate_kwargs), logp
+
+
+def _generate(model, input_ids, encoder_outputs, mask, **generate_kwargs) -> torch.Tensor:
+    """The answers, from encoder states already computed."""
+    return model.generate(
+        input_ids=input_ids.flatten(1), attention_mask=mask, encoder_outputs=encoder_outputs, **generate_kwargs
+    )
+
+
+def _real(scores: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """0.0 for passages without any real token (missing ctxs), as every kind."""
+    return scores.masked_fill(~attention_mask.bool().any(-1), 0.0).float()
+
+
+@register("pdist", "mean_t log p(y_t | y_<t, question + passage j alone): perplexity distillation", True)
+def pdist(model, input_ids, attention_mask, labels, **generate_kwargs):
+    n_tokens = (labels != -100).sum(-1).clamp(min=1)[:, None]  # (B, 1)
+    generated, logp = _alone_logprobs(model, input_ids, attention_mask, labels, **generate_kwargs)
+    return generated, _real(logp.sum(-1) / n_tokens, attention_mask)
+
+
+@register("answer_logprob", "sum_t log p(y_t | y_<t, question + passage j alone), for --retriever_loss emdr", True)
+def answer_logprob(model, input_ids, attention_mask, labels, **generate_kwargs):
+    generated, logp = _alone_logprobs(model, input_ids, attention_mask, labels, **generate_kwargs)
+    return generated, _real(logp.sum(-1), attention_mask)
+
+
+@register("loop", "mean_t -log p(y_t | y_<t, all read passages but j): leave-one-out perplexity", True)
+def loop(model, input_ids, attention_mask, labels, loo_chunk: int = 8, **generate_kwargs):
+    """One encoder pass; then, `loo_chunk` left-out passages at a time, one teacher-forced
+    decoder pass over the other passages (the left-out one is masked, not re-encoded)."""
+    B, N, L = input_ids.shape
+    encoder_outputs, mask = model.encode_passages(input_ids, attention_mask)  # (B, N·L, d), (B, N·L)
+    states = encoder_outputs.last_hidden_state
+    n_tokens = (labels != -100).sum(-1).clamp(min=1)  # (B,)
+    scores = torch.zeros(B, N, device=input_ids.device)
+    for start in range(0, N, loo_chunk):
+        left_out = torch.arange(start, min(start + loo_chunk, N), device=input_ids.device)  # (c,)
+        c = len(left_out)
+        keep = (torch.arange(N, device=input_ids.device)[None, :] != left_out[:, None]).repeat_interleave(L, dim=1)
+        loo_mask = (mask[:, None, :] * keep[None]).reshape(B * c, N * L)  # (B·c, N·L)
+        loo_states = states[:, None].expand(B, c, N * L, states.shape[-1]).reshape(B * c, N * L, -1)
+        logp = _token_logprobs(model, loo_states, loo_mask, labels.repeat_interleave(c, dim=0))  # (B·c, T)
+        scores[:, start : start + c] = -(logp.sum(-1).view(B, c) / n_tokens[:, None])
+    return _generate(model, input_ids, encoder_outputs, mask, **generate_kwargs), _real(scores, attention_mask)

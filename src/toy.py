@@ -22,14 +22,17 @@ import csv
 import math
 import random
 import re
+import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+import torch
+from transformers import AutoTokenizer, T5ForConditionalGeneration
 
-from .evaluation import has_answer
+from .evaluation import retrieval_hits, top_k_accuracy_at
 from .retriever_model import Retriever
 from .tiny import build_word_tokenizer, save_tiny_bert, tiny_t5_config
 
@@ -231,35 +234,22 @@ def add_bm25_ctxs(questions: list[dict], passages: list[dict], n_docs: int, bm25
 # ---------------------------------------------------------------------------
 
 
-def _default_has_answer(answers: list[str], text: str) -> bool:
-    """DPR convention (answer tokens contiguous in the passage text; the title is not searched)."""
-    try:  # the DPR convention lives in src/evaluation.py (corpus helper's section)
-        return bool(has_answer(answers, text))
-    except ImportError:
-        words = " ".join(bm25_tokens(text))
-        return any(" " + " ".join(bm25_tokens(a)) + " " in f" {words} " for a in answers if a.strip())
-
-
 def topk_accuracy(
     questions: list[dict],
     passages: list[dict],
     score_fn: Callable[[dict], np.ndarray],
     ks: Iterable[int] = (1, 5, 20),
-    has_answer: Callable[[list[str], str], bool] = _default_has_answer,
 ) -> dict[int, float]:
     """Share of questions with an answer-bearing passage in the top k of the whole corpus.
 
-    `score_fn(question) -> (n_passages,)` scores every passage; hasanswer looks at the
-    passage text, as DPR and passage_retrieval.py do.
+    `score_fn(question) -> (n_passages,)` scores every passage; the rankings' hits and
+    accuracy are evaluation.py's (DPR hasanswer on the passage text, as
+    passage_retrieval.py does).
     """
     ks = sorted(ks)
-    hits = Counter()
-    for q in questions:
-        idx, _ = top_k(score_fn(q), ks[-1])
-        first = next((r for r, i in enumerate(idx) if has_answer(q["answers"], passages[i]["text"])), None)
-        for k in ks:
-            hits[k] += first is not None and first < k
-    return {k: hits[k] / max(len(questions), 1) for k in ks}
+    rankings = [top_k(score_fn(q), ks[-1])[0] for q in questions]
+    hits = retrieval_hits([q["answers"] for q in questions], [[passages[i]["text"] for i in idx] for idx in rankings])
+    return top_k_accuracy_at(hits, ks)
 
 
 # ---------------------------------------------------------------------------
@@ -317,15 +307,27 @@ def word_matching_prior(model, tokenizer, passages: list[dict], sink_word: str =
     The step after an answer word (ONE = 1) favours `</s>`.
     Everything else keeps T5's random initialisation, and all of it is trained.
     """
-    import torch
+    d = _PriorDims(model.config.d_model, model.config.d_kv)
+    stop, idf, in_corpus = _stop_words_and_idf(tokenizer, passages, model.config.vocab_size)
+    with torch.no_grad():
+        _wire_embedding(model.shared.weight, d, tokenizer, stop, idf, in_corpus, sink_word, seed)
+        _wire_encoder(model, d)
+        _zero_other_branches(model, d.dk)
+        _wire_decoder(model, d)
 
-    cfg = model.config
-    d, dk = cfg.d_model, cfg.d_kv
-    COLON, WT, STOPC, ONE, SINK, MARK, REL = range(d - 7, d)
-    C = d - 7  # content dimensions
-    if dk < C + 1:
-        raise ValueError(f"word_matching_prior needs d_kv > d_model - 7 (got d_kv={dk}, d_model={d})")
-    vocab = cfg.vocab_size
+
+class _PriorDims:
+    """The reserved embedding dimensions of `word_matching_prior` (the last 7 of d_model)."""
+
+    def __init__(self, d_model: int, d_kv: int):
+        self.COLON, self.WT, self.STOPC, self.ONE, self.SINK, self.MARK, self.REL = range(d_model - 7, d_model)
+        self.C, self.dk = d_model - 7, d_kv  # content dimensions [0, C); head width
+        if d_kv < self.C + 1:
+            raise ValueError(f"word_matching_prior needs d_kv > d_model - 7 (got d_kv={d_kv}, d_model={d_model})")
+
+
+def _stop_words_and_idf(tokenizer, passages: list[dict], vocab: int):
+    """(stop-word mask, idf / log n, in-corpus mask), each (vocab,), from document frequencies."""
     df = Counter()
     for p in passages:
         df.update(set(tokenizer.convert_tokens_to_ids(tokenizer.tokenize(p["text"]))))
@@ -335,97 +337,106 @@ def word_matching_prior(model, tokenizer, passages: list[dict], sink_word: str =
     for word in (":", "?", ".", ",", "question", "context", "title"):
         stop[tokenizer.convert_tokens_to_ids(word)] = True
     idf = torch.tensor([math.log(n / max(df[i], 1)) for i in range(vocab)]) / math.log(n)
+    return stop, idf, [df[i] > 0 for i in range(vocab)]
 
+
+def _wire_embedding(E, d: _PriorDims, tokenizer, stop, idf, in_corpus, sink_word: str, seed: int) -> None:
+    """The shared (vocab, d_model) embedding, tied with the LM head: random content of equal
+    norms, and the reserved dimensions."""
+    C = d.C
     g = torch.Generator().manual_seed(seed)
-    s0 = 5.0  # layer-1 sink logit: e^5 ≫ input length, so attention to words stays ≈ constant
-    gamma, delta = 4.0, 1.5  # decoder: passage relevance, then the rare unmatched word in it
-    with torch.no_grad():
-        E = model.shared.weight  # (vocab, d); tied with the LM head
-        E.zero_()
-        content = torch.randn(vocab, C, generator=g)
-        E[:, :C] = content * (C**0.5 / content.norm(dim=1, keepdim=True))  # equal norms: stable RMSNorm
-        E[stop, :C] *= 0.05
-        E[stop, STOPC] = (C + 1) ** 0.5  # the norm of a content word: same RMSNorm scale
-        E[~stop, ONE] = 1.0
-        E[:, WT] = idf.clamp(max=1.0)
-        E[stop, WT] = 0.0
-        E[[i for i in range(vocab) if df[i] == 0], WT] = 0.0  # question-only words are never answers
-        sink = tokenizer.convert_tokens_to_ids(sink_word)
-        E[sink] = 0.0
-        E[sink, SINK] = 8.0
-        E[tokenizer.convert_tokens_to_ids(":"), COLON] = 8.0
-        E[tokenizer.eos_token_id, :C] = 0.0
-        E[tokenizer.eos_token_id, ONE] = 100.0  # after an answer word (ONE = 1): stop
+    E.zero_()
+    content = torch.randn(E.shape[0], C, generator=g)
+    E[:, :C] = content * (C**0.5 / content.norm(dim=1, keepdim=True))  # equal norms: stable RMSNorm
+    E[stop, :C] *= 0.05
+    E[stop, d.STOPC] = (C + 1) ** 0.5  # the norm of a content word: same RMSNorm scale
+    E[~stop, d.ONE] = 1.0
+    E[:, d.WT] = idf.clamp(max=1.0)
+    E[stop, d.WT] = 0.0
+    E[[i for i, seen in enumerate(in_corpus) if not seen], d.WT] = 0.0  # question-only words are never answers
+    sink = tokenizer.convert_tokens_to_ids(sink_word)
+    E[sink] = 0.0
+    E[sink, d.SINK] = 8.0
+    E[tokenizer.convert_tokens_to_ids(":"), d.COLON] = 8.0
+    E[tokenizer.eos_token_id, :C] = 0.0
+    E[tokenizer.eos_token_id, d.ONE] = 100.0  # after an answer word (ONE = 1): stop
 
-        # Encoder layer 0, head 0 (rows [0, dk) of q/k/v, columns [0, dk) of o).
-        att = model.encoder.block[0].layer[0].SelfAttention
-        for lin in (att.q, att.k, att.v):
-            lin.weight[:dk].zero_()
-        att.q.weight[:C, :C] = torch.eye(C)
-        att.k.weight[:C, :C] = torch.eye(C)
-        sink_logit = 0.5 * C / 8  # half an equal word's logit (|e|² ≈ C after RMSNorm)
-        att.q.weight[dk - 1, ONE] = sink_logit
-        att.q.weight[dk - 1, STOPC] = sink_logit
-        att.k.weight[dk - 1, SINK] = 1.0
-        att.v.weight[0, WT] = 1.0
-        att.o.weight[:, :dk].zero_()
-        att.o.weight[MARK, 0] = 1.0
-        bias = att.relative_attention_bias.weight  # (buckets, heads); shared by all encoder layers
-        bias[:, 0] = 0.0
-        bias[0, 0] = -1e3  # bucket 0 = distance 0: no attention to oneself
 
-        # Encoder layer 1, head 0: ∝ Σ MARK.
-        att = model.encoder.block[1].layer[0].SelfAttention
-        for lin in (att.q, att.k, att.v):
-            lin.weight[:dk].zero_()
-        att.q.weight[0, ONE] = 1.0
-        att.q.weight[0, STOPC] = 1.0 / 8
-        att.q.weight[0, SINK] = 1.0 / 8
-        att.q.weight[0, COLON] = 1.0 / 8
-        att.k.weight[0, COLON] = s0 / 8
-        att.v.weight[0, MARK] = 1.0
-        att.o.weight[:, :dk].zero_()
-        att.o.weight[REL, 0] = 100.0  # attention weights are ≈ 1/(2e^s0): scale back up
+def _wire_encoder(model, d: _PriorDims, s0: float = 5.0) -> None:
+    """Head 0 of encoder layers 0 (MARK: the idf of a word's equal) and 1 (REL ∝ Σ MARK);
+    `s0`: layer 1's sink logit, e^5 ≫ input length, so attention to words stays ≈ constant."""
+    C, dk = d.C, d.dk
+    # Encoder layer 0, head 0 (rows [0, dk) of q/k/v, columns [0, dk) of o).
+    att = model.encoder.block[0].layer[0].SelfAttention
+    for lin in (att.q, att.k, att.v):
+        lin.weight[:dk].zero_()
+    att.q.weight[:C, :C] = torch.eye(C)
+    att.k.weight[:C, :C] = torch.eye(C)
+    sink_logit = 0.5 * C / 8  # half an equal word's logit (|e|² ≈ C after RMSNorm)
+    att.q.weight[dk - 1, d.ONE] = sink_logit
+    att.q.weight[dk - 1, d.STOPC] = sink_logit
+    att.k.weight[dk - 1, d.SINK] = 1.0
+    att.v.weight[0, d.WT] = 1.0
+    att.o.weight[:, :dk].zero_()
+    att.o.weight[d.MARK, 0] = 1.0
+    bias = att.relative_attention_bias.weight  # (buckets, heads); shared by all encoder layers
+    bias[:, 0] = 0.0
+    bias[0, 0] = -1e3  # bucket 0 = distance 0: no attention to oneself
 
-        # Every other residual branch starts at zero (output projections of the other
-        # heads, feed-forward outputs), as in zero-init residual schemes: the wired
-        # circuit is not drowned in random noise at step 0, and all of them still learn.
-        for stack in (model.encoder, model.decoder):
-            for block in stack.block:
-                for layer in block.layer[:-1]:
-                    att = layer.SelfAttention if hasattr(layer, "SelfAttention") else layer.EncDecAttention
-                    att.o.weight[:, dk:] = 0.0
-                block.layer[-1].DenseReluDense.wo.weight.zero_()
-        for stack in (model.decoder,):
-            for block in stack.block:
-                for layer in block.layer[:-1]:
-                    att = layer.SelfAttention if hasattr(layer, "SelfAttention") else layer.EncDecAttention
-                    if att is not model.decoder.block[0].layer[1].EncDecAttention:
-                        att.o.weight.zero_()
+    # Encoder layer 1, head 0: ∝ Σ MARK.
+    att = model.encoder.block[1].layer[0].SelfAttention
+    for lin in (att.q, att.k, att.v):
+        lin.weight[:dk].zero_()
+    att.q.weight[0, d.ONE] = 1.0
+    att.q.weight[0, d.STOPC] = 1.0 / 8
+    att.q.weight[0, d.SINK] = 1.0 / 8
+    att.q.weight[0, d.COLON] = 1.0 / 8
+    att.k.weight[0, d.COLON] = s0 / 8
+    att.v.weight[0, d.MARK] = 1.0
+    att.o.weight[:, :dk].zero_()
+    att.o.weight[d.REL, 0] = 100.0  # attention weights are ≈ 1/(2e^s0): scale back up
 
-        # Decoder layer 0, cross-attention head 0: find the answer word and copy it.
-        x = model.decoder.block[0].layer[1].EncDecAttention
-        for lin in (x.q, x.k, x.v):
-            lin.weight[:dk].zero_()
-        x.q.weight[0, STOPC] = 1.0  # the decoder start token <pad> is a "stop" word
-        x.k.weight[0, REL] = gamma
-        x.k.weight[0, WT] = delta
-        x.k.weight[0, MARK] = -delta
-        x.v.weight[:C, :C] = torch.eye(C)
-        x.o.weight[:, :dk].zero_()
-        x.o.weight[:C, :C] = torch.eye(C)
-        # The LM head reads content (the copied word) and ONE (stop after a word).
-        model.decoder.final_layer_norm.weight[C:] = 0.0
-        model.decoder.final_layer_norm.weight[ONE] = 1.0
+
+def _zero_other_branches(model, dk: int) -> None:
+    """Every other residual branch starts at zero (output projections of the other heads,
+    feed-forward outputs), as in zero-init residual schemes: the wired circuit is not
+    drowned in random noise at step 0, and all of them still learn."""
+    for stack in (model.encoder, model.decoder):
+        for block in stack.block:
+            for layer in block.layer[:-1]:
+                att = layer.SelfAttention if hasattr(layer, "SelfAttention") else layer.EncDecAttention
+                att.o.weight[:, dk:] = 0.0
+            block.layer[-1].DenseReluDense.wo.weight.zero_()
+    for block in model.decoder.block:
+        for layer in block.layer[:-1]:
+            att = layer.SelfAttention if hasattr(layer, "SelfAttention") else layer.EncDecAttention
+            if att is not model.decoder.block[0].layer[1].EncDecAttention:
+                att.o.weight.zero_()
+
+
+def _wire_decoder(model, d: _PriorDims, gamma: float = 4.0, delta: float = 1.5) -> None:
+    """Decoder layer 0, cross-attention head 0: find the answer word and copy it (`gamma`:
+    weight of passage relevance, `delta`: of the rare unmatched word in it)."""
+    C, dk = d.C, d.dk
+    x = model.decoder.block[0].layer[1].EncDecAttention
+    for lin in (x.q, x.k, x.v):
+        lin.weight[:dk].zero_()
+    x.q.weight[0, d.STOPC] = 1.0  # the decoder start token <pad> is a "stop" word
+    x.k.weight[0, d.REL] = gamma
+    x.k.weight[0, d.WT] = delta
+    x.k.weight[0, d.MARK] = -delta
+    x.v.weight[:C, :C] = torch.eye(C)
+    x.o.weight[:, :dk].zero_()
+    x.o.weight[:C, :C] = torch.eye(C)
+    # The LM head reads content (the copied word) and ONE (stop after a word).
+    model.decoder.final_layer_norm.weight[C:] = 0.0
+    model.decoder.final_layer_norm.weight[d.ONE] = 1.0
 
 
 def build_reader(
     path: str | Path, world: ToyWorld, d_model: int = 64, layers: int = 2, heads: int = 4, seed: int = 0
 ) -> Path:
     """Tokenizer + tiny T5 with the word-matching prior, saved as an ordinary model directory."""
-    import torch
-    from transformers import T5ForConditionalGeneration
-
     path = Path(path)
     tokenizer = build_word_tokenizer(world.texts(), "t5")
     torch.manual_seed(seed)
@@ -444,17 +455,11 @@ def build_retriever(
     """Tokenizer + tiny random BERT wrapped as a `Retriever` (projection to `dim`, mean
     pooling), saved as one directory: the retriever's random start, which is both what
     distillation starts from and the "before distillation" baseline of the report."""
-    import tempfile
-
-    import torch
-
     path = Path(path)
     with tempfile.TemporaryDirectory() as tmp:
         save_tiny_bert(tmp, world.texts(), seed=seed, hidden=hidden, layers=layers, heads=heads)
         torch.manual_seed(seed)
         retriever = Retriever.from_encoder(tmp, indexing_dimension=dim)
         retriever.save_pretrained(path)
-        from transformers import AutoTokenizer
-
         AutoTokenizer.from_pretrained(tmp).save_pretrained(path)
     return path

@@ -260,6 +260,12 @@ TEST_READER_CASES = [
     case("model_path-bert", ["--model_path", "{bert}"], "bert: config.json is a bert model, not a T5"),
     case("model_path-missing", ["--model_path", "{bad}/nowhere"], "reader {bad}/nowhere: no such directory"),
     case("model_path-required", ["--model_path", "none"], "--model_path is required"),
+    # A signal of the gold answer on a file without one: stops before the model loads.
+    case(
+        "score-kind-needs-answers",
+        ["--eval_data", "{bad}/no_target.json", "--score_kind", "pdist", "--model_path", "{bad}/nowhere"],
+        "no_target.json, example 0 (id q0): no 'target' and no 'answers' --score_kind pdist scores the gold answer",
+    ),
 ]
 
 

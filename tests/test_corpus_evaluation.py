@@ -1,4 +1,4 @@
-"""DPR hasanswer, top-k accuracy and the --evaluate_only command line."""
+"""Reader EM, DPR hasanswer, top-k accuracy and the --evaluate_only command line."""
 
 import json
 import subprocess
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from src.evaluation import dpr_tokens, has_answer, retrieval_hits, top_k_accuracy
+from src.evaluation import dpr_tokens, has_answer, mean_em, retrieval_hits, top_k_accuracy, top_k_accuracy_at
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -64,6 +64,24 @@ def test_top_k_accuracy():
     assert top_k_accuracy([[True], [False, False, True], []]) == pytest.approx([1 / 3, 1 / 3, 2 / 3])
     assert top_k_accuracy([]) == []
     assert top_k_accuracy([[], []]) == []
+
+
+def test_top_k_accuracy_at():
+    hits = [[False, True, False], [True, True, False], [False, False, False], [False, False, True]]
+    assert top_k_accuracy_at(hits, (1, 2, 3)) == {1: 0.25, 2: 0.5, 3: 0.75}
+    # k beyond the longest ranking: whole lists; the k's come back in the order asked
+    assert top_k_accuracy_at(hits, (20, 1)) == {20: 0.75, 1: 0.25}
+    assert top_k_accuracy_at([], (1, 5)) == {1: 0.0, 5: 0.0}
+    assert top_k_accuracy_at([[], []], (1,)) == {1: 0.0}
+
+
+def test_mean_em():
+    # SQuAD normalisation, best of the gold answers; pairs without gold answers are left out
+    predictions = ["The Eiffel tower!", "london", "anything", "Rome", "x"]
+    gold = [["eiffel tower"], ["Paris"], None, ["Roma", "rome"], []]
+    assert mean_em(predictions, gold) == (2 / 3, 3)
+    assert mean_em(["a"], [None]) == (None, 0)
+    assert mean_em([], []) == (None, 0)
 
 
 def test_retrieval_hits_with_workers_matches_serial():

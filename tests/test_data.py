@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 
 from src.datasets import ReaderCollator, ReaderDataset, RetrieverCollator, RetrieverDataset, encode_targets
 from src.errors import DataError
-from src.questions import load_questions, require_targets, write_questions
+from src.questions import iter_entries, load_questions, require_targets, write_questions
 from src.tiny import build_word_tokenizer
 
 
@@ -106,6 +106,35 @@ def test_bad_jsonl_line_and_missing_file(tmp_path):
         load_questions(path)
     with pytest.raises(DataError, match="no such file"):
         load_questions(tmp_path / "missing.json")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[", "[  \n", "[1,]", "[1 2]", "[{}\n", "[{} x", "[]x", "[1] [2]", "{}{}", "x", "[,]", '[{"a": 1,}]',
+        "[1.]", "[-]", "[1e]", "[1e5, -0.5E+3, 12]", '[{"q": "a\\u00e9b"}, "open', '[\n {"a": [1, 2\n  ,3]},\n {"b":\n',
+        '[{"a": "x"}, {"b": tru}]', '[{"a": "\x01"}]', '[{"a": "\\q"}]', "[NaN, -Infinity]", '{"Data": []}', "3",
+    ],
+)  # fmt: skip
+def test_streaming_reader_reads_and_fails_as_json_load(tmp_path, text):
+    """Every buffer size gives json.load's entries, or its message, line and column."""
+    path = tmp_path / "file.json"
+    path.write_text(text)
+    try:
+        expected = json.loads(text)
+    except json.JSONDecodeError as e:
+        expected = f"{path}, line {e.lineno}: invalid JSON ({e.msg}, column {e.colno}"
+    for chunk in (1, 2, 3, 7, 1 << 20):
+        try:
+            got = [entry for _, entry in iter_entries(path, chunk_chars=chunk)]
+        except DataError as e:
+            got = str(e)
+        if isinstance(expected, str):
+            assert isinstance(got, str) and got.startswith(expected), (chunk, got)
+        elif isinstance(expected, list):
+            assert json.dumps(got) == json.dumps(expected), chunk  # NaN != NaN: compare the text
+        else:
+            assert "expected a JSON list of examples" in got
 
 
 def test_training_needs_a_target_or_answers():

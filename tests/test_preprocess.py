@@ -24,7 +24,7 @@ import pytest
 import preprocess
 from src.datasets import ReaderCollator, ReaderDataset
 from src.errors import DataError
-from src.questions import load_questions
+from src.questions import iter_entries, load_questions
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data" / "preprocess"
@@ -323,7 +323,7 @@ def test_streaming_json_list_matches_json_load(tmp_path):
     text = DPR_FILE.read_text()
     starts = [i for i, line in enumerate(text.splitlines(), 1) if line == "    {"]
     for chunk in (5, 64, 1 << 20):
-        records = list(preprocess.iter_json_list(DPR_FILE, chunk_chars=chunk))
+        records = list(iter_entries(DPR_FILE, by_line=True, chunk_chars=chunk))
         assert [r for _, r in records] == json.loads(text)
         assert [where for where, _ in records] == [f"line {n}" for n in starts]
 
@@ -332,11 +332,16 @@ def test_streaming_json_list_matches_json_load(tmp_path):
     with pytest.raises(json.JSONDecodeError) as reference:
         json.loads(broken.read_text())
     with pytest.raises(DataError, match=rf"broken\.json, line {reference.value.lineno}: invalid JSON"):
-        list(preprocess.iter_json_list(broken, chunk_chars=16))
-    for bad, message in [("", "expected a JSON list"), ("[{}, 3]", "expected an object"), ("[{}", "ends inside")]:
+        list(iter_entries(broken, by_line=True, chunk_chars=16))
+    for bad, message in [("", "empty file"), ("[{}", "is the file truncated?"), ("[{} {}]", "Expecting ','")]:
         broken.write_text(bad)
         with pytest.raises(DataError, match=message):
-            list(preprocess.iter_json_list(broken, chunk_chars=2))
+            list(iter_entries(broken, by_line=True, chunk_chars=2))
+    broken.write_text("[{}, 3]")  # entries that are not objects are the caller's to reject
+    assert list(iter_entries(broken, by_line=True, chunk_chars=2)) == [("line 1", {}), ("line 1", 3)]
+    broken.write_text('[{"question": "q", "ctxs": []},\n 3]')
+    with pytest.raises(DataError, match=r"broken\.json, line 2: expected an object, got int"):
+        preprocess.main(["dpr", str(broken), str(tmp_path / "out.json")])
 
 
 # ---------------------------------------------------------------------------

@@ -1,9 +1,11 @@
-"""The toy world, its BM25, the tiny starting models, and `run_loop.py --quick` end to end."""
+"""The toy world, its BM25, the tiny starting models, the loop's steps (src/loop.py) and
+report (src/report.py), and `run_loop.py --quick` end to end."""
 
 from __future__ import annotations
 
 import json
 import math
+import random
 import subprocess
 import sys
 from collections import Counter
@@ -12,8 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from src import toy
-from src.evaluation import has_answer
+import run_loop
+from src import loop, report, toy
+from src.evaluation import has_answer, mean_em
+from src.questions import load_questions, read_ctxs, write_questions
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -147,7 +151,6 @@ def _reader_em(model_dir: Path, questions: list[dict], n_context: int = 10, leng
     from transformers import AutoTokenizer
 
     from src.datasets import format_passage, format_question
-    from src.evaluation import ems
     from src.reader_model import FiDT5
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
@@ -155,7 +158,7 @@ def _reader_em(model_dir: Path, questions: list[dict], n_context: int = 10, leng
     texts = [
         f"{format_question(q['question'])} {format_passage(c['title'], c['text'], no_title=True)}"
         for q in questions
-        for c in q["ctxs"][:n_context]
+        for c in read_ctxs(q, n_context)
     ]
     enc = tokenizer(
         texts, add_special_tokens=False, padding="max_length", truncation=True, max_length=length, return_tensors="pt"
@@ -166,7 +169,7 @@ def _reader_em(model_dir: Path, questions: list[dict], n_context: int = 10, leng
             input_ids=enc.input_ids.view(shape), attention_mask=enc.attention_mask.view(shape), max_length=6
         )
     answers = tokenizer.batch_decode(out, skip_special_tokens=True)
-    return sum(ems(a, q["answers"]) for a, q in zip(answers, questions)) / len(questions)
+    return mean_em(answers, [q["answers"] for q in questions])[0]
 
 
 def test_word_matching_prior_reads_and_plain_init_does_not(world, tmp_path):
@@ -205,6 +208,176 @@ def test_build_retriever_is_a_loadable_retriever(world, tmp_path):
     assert retriever.config.indexing_dimension == 16 and retriever.config.projection
     assert emb.shape == (2, 16) and torch.isfinite(emb).all()
     assert tokenizer.unk_token_id not in batch.input_ids[0].tolist()  # toy words are in the vocabulary
+
+
+# ---------------------------------------------------------------------------
+# The loop's report: metrics and table (src/report.py)
+# ---------------------------------------------------------------------------
+
+
+def test_reader_em_reads_final_output(tmp_path):
+    (tmp_path / "final_output.txt").write_text("q1\tThe Krinon.\nq2\twrong\n7\tvale\n", encoding="utf-8")
+    questions = [
+        {"id": "q1", "question": "?", "answers": ["krinon"]},  # normalised match
+        {"id": "q2", "question": "?", "answers": ["right"]},
+        {"id": "q3", "question": "?", "answers": ["missing"]},  # no answer line: a miss
+        {"id": 7, "question": "?", "answers": ["dale", "vale"]},  # integer id, second gold answer
+        {"id": "q5", "question": "?"},  # no gold answers: left out
+    ]
+    assert report.reader_em(tmp_path, questions) == 0.5
+    assert report.reader_em(tmp_path, [{"id": "q1", "question": "?"}]) == 0.0
+
+
+def test_xattn_top1_counts_only_the_passages_read():
+    def ctx(text, score):
+        return {"text": text, "score": score}
+
+    wscores = [
+        # the top-scored passage read has the answer (the better-scored 3rd ctx was not read)
+        {"answers": ["gold"], "ctxs": [ctx("the gold word", 0.9), ctx("nothing", 0.1), ctx("nothing", 5.0)]},
+        # the top-scored passage read misses; the answer-bearing 3rd was not read
+        {"answers": ["gold"], "ctxs": [ctx("nothing", 0.2), ctx("nothing", 0.3), ctx("gold", 9.0)]},
+        # every passage read has the answer: chance is 1 here whatever the draw
+        {"answers": ["gold"], "ctxs": [ctx("gold", 0.0), ctx("gold", 1.0), ctx("nothing", 2.0)]},
+        {"answers": [], "ctxs": [ctx("gold", 1.0)]},  # no answers: left out
+        {"answers": ["gold"], "ctxs": []},  # nothing read: left out
+    ]
+    top, chance = report.xattn_top1(wscores, n_context=2, seed=0)
+    assert top == pytest.approx(2 / 3)
+    rng = random.Random(0)  # the same seeded draw: one random read passage per counted question
+    draws = [rng.randrange(2) for _ in range(3)]
+    assert chance == pytest.approx(((draws[0] == 0) + 0 + 1) / 3)
+    assert report.xattn_top1([], 2) == (0.0, 0.0)
+
+
+def test_ctxs_topk_ranks_by_score_and_recomputes_hasanswer(tmp_path):
+    path = tmp_path / "retrieved.json"
+    ctxs = [{"text": f"passage {i}", "score": float(i), "hasanswer": True} for i in range(25)]  # stale hasanswer
+    write_questions(
+        path,
+        [
+            {"question": "a", "answers": ["passage 24"], "ctxs": ctxs},  # best score: rank 1
+            {"question": "b", "answers": ["passage 20"], "ctxs": ctxs},  # rank 5
+            {"question": "c", "answers": ["passage 5"], "ctxs": ctxs},  # rank 20
+            {"question": "d", "answers": ["passage 0"], "ctxs": ctxs},  # rank 25: beyond top-20
+            {"question": "e", "answers": ["nowhere"], "ctxs": ctxs[:3]},
+            {"question": "f", "ctxs": ctxs},  # no answers: left out
+        ],
+    )
+    assert report.ctxs_topk(load_questions(path, rank=True)) == {1: 0.2, 5: 0.4, 20: 0.6}
+    assert report.ctxs_topk([], ks=(1, 5)) == {1: 0.0, 5: 0.0}
+
+
+def _round(r: int, value: float) -> dict:
+    topk = {1: value, 5: value, 20: value}
+    return report.round_result(r, f"ctxs {r}", (value, value, value), (value, value), (topk, topk, topk))
+
+
+def test_round_result_has_every_key_of_the_table():
+    assert list(_round(1, 0.25)) == [
+        "round",
+        "reader_dev_em",
+        "reader_test_em",
+        "reader_init_test_em",
+        "xattn_top1_hasanswer",
+        "xattn_top1_chance",
+        *[f"{s}_top{k}" for s in ("first_stage", "retriever_init", "retriever") for k in (1, 5, 20)],
+        "reader_ctxs",
+    ]
+
+
+def test_table_layout():
+    out = report.table([_round(1, 0.5), _round(2, 0.98765)], "BM25 (first stage)").splitlines()
+    assert out[0] == "| | round 1 | round 2 |"
+    assert out[1] == "|---|---|---|"
+    assert out[2] == "| reader reads the passages of | ctxs 1 | ctxs 2 |"
+    assert out[3] == "| reader EM, dev | 0.500 | 0.988 |"
+    assert out[5] == "| &nbsp;&nbsp;↳ baseline: the starting reader, untrained | 0.500 | 0.988 |"
+    assert out[8] == "| test top-1 over the whole corpus: distilled retriever | 0.500 | 0.988 |"
+    assert out[10] == "| &nbsp;&nbsp;↳ reference: BM25 (first stage) | 0.500 | 0.988 |"
+    assert len(out) == 2 + 6 + 3 * 3
+
+
+def test_write_report(tmp_path):
+    opt = loop_options()
+    opt.passages, opt.test_data = "p.tsv", "test.json"
+    rounds = [_round(1, 0.5)]
+    md = report.write_report(tmp_path, opt, rounds, "BM25 (first stage)", {"step": 1.234}, wall=90.0)
+    assert (tmp_path / "report.md").read_text(encoding="utf-8") == md
+    assert report.table(rounds, "BM25 (first stage)") in md and "Wall time 1.5 min" in md
+    assert json.loads((tmp_path / "report.json").read_text()) == rounds
+    summary = json.loads((tmp_path / "run_summary.json").read_text())
+    assert summary["step_seconds"] == {"step": 1.2} and summary["options"]["seed"] == 3
+
+
+# ---------------------------------------------------------------------------
+# The loop's steps (src/loop.py)
+# ---------------------------------------------------------------------------
+
+
+def loop_options(**overrides):
+    opt = run_loop.get_options(["--seed", "3", "--output_dir", "unused"])
+    for key, value in overrides.items():
+        setattr(opt, key, value)
+    return opt
+
+
+def test_top_ctxs_keeps_the_passages_read(tmp_path):
+    src = tmp_path / "in.json"
+    write_questions(src, [{"question": "a", "ctxs": [{"text": str(i), "score": -i} for i in range(5)]}])
+    dst = loop.top_ctxs(src, tmp_path / "out" / "in.top3.json", 3)
+    assert dst == tmp_path / "out" / "in.top3.json"
+    assert [c["text"] for c in load_questions(dst)[0]["ctxs"]] == ["0", "1", "2"]
+    assert loop.top_ctxs(dst, tmp_path / "unused.json", 3) == dst  # already short enough: the file itself
+    assert not (tmp_path / "unused.json").exists()
+
+
+class _Recorder:
+    """Stands in for loop.Runner: records (script, args) instead of running them."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir, self.calls = run_dir, []
+
+    def __call__(self, label, script, args, distributed=True):
+        self.calls.append((script, args))
+
+    def parallel(self, label, script, args_per_process):
+        self.calls += [(script, args) for args in args_per_process]
+
+
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_steps_pass_only_the_flags_each_script_reads(tmp_path, nproc):
+    opt = loop_options(nproc=nproc)
+    run = _Recorder(tmp_path)
+    loop.train_reader(run, opt, "r/reader", "start", True, tmp_path / "t.json", tmp_path / "d.json")
+    loop.test_reader(run, opt, "r/score", tmp_path / "m", tmp_path / "d.json")
+    loop.train_retriever(run, opt, "r/retriever", "start", tmp_path / "t.json", tmp_path / "d.json")
+    loop.embed_and_retrieve(run, opt, "r/retrieval", "m", tmp_path / "p.tsv", {"test": tmp_path / "x.json"})
+    scripts = [script for script, _ in run.calls]
+    corpus = ["generate_passage_embeddings.py"] * nproc + ["passage_retrieval.py"]
+    assert scripts == ["train_reader.py", "test_reader.py", "train_retriever.py"] + corpus
+    for script, args in run.calls:
+        flags = {a for a in args if a.startswith("--")}
+        if script in corpus:
+            assert not flags & {"--name", "--checkpoint_dir", "--seed"}, (script, args)
+            assert "--precision" in flags
+        else:
+            assert args[args.index("--seed") + 1] == "3" and "--name" in flags
+    assert "--passage_maxlength" not in run.calls[-1][1]  # passage_retrieval.py embeds no passages
+    shards = [args[args.index("--shard_id") + 1] for s, args in run.calls if "--shard_id" in args]
+    assert shards == ([] if nproc == 1 else ["0", "1"])
+
+
+def test_runner_command(tmp_path):
+    runner = loop.Runner(loop_options(nproc=2, device="cpu"), tmp_path)
+    cmd = runner.command("train_reader.py", ["--lr", "1"])
+    assert cmd[1:5] == ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
+    assert cmd[5:] == [str(ROOT / "train_reader.py"), "--lr", "1", "--device", "cpu"]
+    assert runner.command("passage_retrieval.py", [], distributed=False)[1:] == [
+        str(ROOT / "passage_retrieval.py"),
+        "--device",
+        "cpu",
+    ]
 
 
 # ---------------------------------------------------------------------------
@@ -271,4 +444,32 @@ def test_run_loop_quick(tmp_path):
     assert first["retriever_top20"] >= 2 * first["retriever_init_top20"] + 0.1
     assert rounds[1]["reader_test_em"] >= 0.25
     assert "--in_batch_negatives" in (run_dir / "commands.log").read_text()
+    for line in (run_dir / "commands.log").read_text().splitlines():  # the corpus scripts get only what they read
+        if "generate_passage_embeddings.py" in line or "passage_retrieval.py" in line:
+            assert not {"--name", "--checkpoint_dir", "--seed"} & set(line.split()), line
     assert (run_dir / "report.md").read_text().count("round 2") >= 1
+
+
+@pytest.mark.slow
+def test_compare_signals_quick(tmp_path):
+    """One reader, one retriever per signal (kl for xattn, emdr for answer_logprob), one table."""
+    run_dir = tmp_path / "compare"
+    proc = subprocess.run(
+        [sys.executable, "run_loop.py", "--quick", "--output_dir", str(run_dir),
+         "--compare_signals", "xattn", "answer_logprob"],
+        cwd=ROOT, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {row["signal"]: row for row in json.loads((run_dir / "compare.json").read_text())}
+    assert list(rows) == ["xattn", "answer_logprob", "(before distillation)", "(first stage)"]
+    assert rows["xattn"]["loss"] == "kl" and rows["answer_logprob"]["loss"] == "emdr"
+    for signal in ("xattn", "answer_logprob"):
+        opts = json.loads((run_dir / "compare" / signal / "score_train" / "options.json").read_text())
+        assert opts["score_kind"] == signal
+        retr = json.loads((run_dir / "compare" / signal / "retriever" / "options.json").read_text())
+        assert retr["retriever_loss"] == rows[signal]["loss"] and retr["seed"] == 0
+        assert rows[signal]["export_seconds"] > 0
+        # Distilled from either signal, the retriever beats its random start at top-20.
+        assert rows[signal]["topk"]["20"] > rows["(before distillation)"]["topk"]["20"] + 0.1
+    md = (run_dir / "compare.md").read_text()
+    assert "| xattn | kl |" in md and "| answer_logprob | emdr |" in md

@@ -1,0 +1,95 @@
+"""`run_loop.py --compare_signals`: every reader-to-retriever signal on the same reader.
+
+One round-1 reader is trained on the first-stage ctxs; then, for each signal, test_reader.py
+exports it (`--score_kind`) on train/dev/test, train_retriever.py distils one retriever
+from the same starting retriever (same seed, steps and in-batch negatives setting; loss
+`emdr` for `answer_logprob`, else `kl`), and the corpus is embedded and searched. The
+table gives, per signal, the distilled retriever's top-k over the whole corpus on the
+test questions, beside the same retriever before distillation and the first stage, and
+how long the export took.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from .files import atomic_write
+from .loop import Runner, embed_and_retrieve, prepare, test_reader, train_reader, train_retriever
+from .questions import load_questions
+from .report import KS, ctxs_topk, fmt
+
+DEFAULT_SIGNALS = ("xattn", "pdist", "loop", "answer_logprob")
+LOSS_OF = {"answer_logprob": "emdr"}  # the loss each signal is meant for; kl otherwise
+
+
+def compare_signals(
+    run: Runner, opt, splits: dict[str, Path], passages: Path, first_stage: dict, retriever_init: dict
+) -> list[dict]:
+    """One row per signal: {signal, loss, export_seconds, top{k}}."""
+    reader = train_reader(run, opt, "compare/reader", opt.reader_model, True, splits["train"], splits["dev"])
+    rows = []
+    for signal in opt.compare_signals or DEFAULT_SIGNALS:
+        sopt = argparse.Namespace(**{**vars(opt), "score_kind": signal, "retriever_loss": LOSS_OF.get(signal, "kl")})
+        print(f"\n===== signal {signal} (retriever loss {sopt.retriever_loss}) =====", flush=True)
+        start = time.time()
+        scored = {
+            split: test_reader(
+                run,
+                sopt,
+                f"compare/{signal}/score_{split}",
+                reader,
+                path,
+                opt.score_maxload if split == "train" else -1,
+            )
+            for split, path in splits.items()
+        }
+        export_seconds = time.time() - start
+        wscores = {split: scored[split] / "dataset_wscores.json" for split in ("train", "dev")}
+        retriever = train_retriever(
+            run, sopt, f"compare/{signal}/retriever", opt.retriever_model, wscores["train"], wscores["dev"]
+        )
+        retrieved = embed_and_retrieve(
+            run, sopt, f"compare/{signal}/retrieval", str(retriever), passages, {"test": splits["test"]}
+        )
+        topk = ctxs_topk(load_questions(retrieved["test"], rank=True))
+        rows.append({"signal": signal, "loss": sopt.retriever_loss, "export_seconds": export_seconds, "topk": topk})
+    rows.append({"signal": "(before distillation)", "loss": "", "export_seconds": None, "topk": retriever_init})
+    rows.append({"signal": "(first stage)", "loss": "", "export_seconds": None, "topk": first_stage})
+    return rows
+
+
+def signals_table(rows: list[dict]) -> str:
+    out = "| signal | retriever loss | " + " | ".join(f"test top-{k}" for k in KS) + " | export (s) |\n"
+    out += "|---|---|" + "---|" * len(KS) + "---|\n"
+    for row in rows:
+        seconds = "" if row["export_seconds"] is None else f"{row['export_seconds']:.1f}"
+        cells = [fmt(row["topk"][k]) for k in KS]
+        out += f"| {row['signal']} | {row['loss']} | " + " | ".join(cells) + f" | {seconds} |\n"
+    return out
+
+
+def write_comparison(run_dir: Path, rows: list[dict], first_stage_name: str) -> str:
+    md = (
+        "# Reader signals compared: one reader, one retriever distilled per signal\n\n"
+        + signals_table(rows)
+        + f"\nTop-k: share of test questions with an answer-bearing passage in the top k over the whole corpus. "
+        f"First stage: {first_stage_name}. Export: test_reader.py on train, dev and test (wall time).\n"
+    )
+    with atomic_write(run_dir / "compare.md") as f:
+        f.write(md)
+    with atomic_write(run_dir / "compare.json") as f:
+        json.dump([{**r, "topk": {str(k): v for k, v in r["topk"].items()}} for r in rows], f, indent=1)
+    return md
+
+
+def run_comparison(opt) -> Path:
+    """run_loop.py --compare_signals: returns the run directory (compare.md, compare.json)."""
+    setup = prepare(opt)
+    rows = compare_signals(setup.run, opt, setup.splits, setup.passages, setup.first_stage, setup.retriever_init)
+    md = write_comparison(setup.run.run_dir, rows, setup.first_stage_name)
+    print(f"\n{md}\nwall time {(time.time() - setup.started) / 60:.1f} min; run directory (compare.md):", flush=True)
+    print(setup.run.run_dir, flush=True)
+    return setup.run.run_dir

@@ -1,0 +1,316 @@
+"""The loop runner of run_loop.py: each step is a real script run as a subprocess with the
+flags a user would type (printed, and logged to `commands.log` in the run directory).
+
+One round: train_reader.py → test_reader.py --write_crossattention_scores (train, dev,
+test) → train_retriever.py → generate_passage_embeddings.py (one shard per process) →
+passage_retrieval.py (train, dev, test) → the next round's ctxs. Each step is given only
+the flags it reads. The metrics and the table are report.py's.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import toy
+from .questions import load_questions, read_ctxs, write_questions
+from .report import ctxs_topk, reader_em, round_result, table, write_report, xattn_top1
+
+SCRIPTS = Path(__file__).resolve().parents[1]  # the repository root: the scripts and `src`
+
+# ---------------------------------------------------------------------------
+# Running the scripts
+# ---------------------------------------------------------------------------
+
+
+class Runner:
+    """Runs the steps of one run directory; `timings` holds each step's seconds."""
+
+    def __init__(self, opt, run_dir: Path):
+        self.opt, self.run_dir = opt, run_dir
+        self.log = open(run_dir / "commands.log", "a", encoding="utf-8")
+        self.timings: dict[str, float] = {}
+        self.env = dict(os.environ, PYTHONPATH=str(SCRIPTS) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+
+    def command(self, script: str, args: list[str], distributed: bool = True) -> list[str]:
+        """The command line of one step: torchrun with --nproc > 1 (when `distributed`), and --device."""
+        launcher = [sys.executable]
+        if distributed and self.opt.nproc > 1:
+            launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.opt.nproc}"]
+        device = ["--device", self.opt.device] if self.opt.device else []
+        return launcher + [str(SCRIPTS / script)] + args + device
+
+    def __call__(self, label: str, script: str, args: list[str], distributed: bool = True) -> None:
+        """Run one step; stop the loop with the step's own output if it fails."""
+        label = label.replace("/", "_")
+        cmd = self.command(script, args, distributed)
+        print(f"\n[{label}] " + " ".join(shlex.quote(c) for c in [script] + args), flush=True)
+        self.log.write(" ".join(shlex.quote(c) for c in cmd) + "\n")
+        self.log.flush()
+        t0 = time.time()
+        step_log = self.run_dir / "logs" / f"{label}.log"
+        step_log.parent.mkdir(exist_ok=True)
+        with open(step_log, "w", encoding="utf-8") as out:
+            proc = subprocess.run(cmd, cwd=SCRIPTS, env=self.env, stdout=out, stderr=subprocess.STDOUT)
+        self.timings[label] = time.time() - t0
+        if proc.returncode != 0:
+            tail = step_log.read_text(encoding="utf-8", errors="replace").splitlines()[-30:]
+            sys.exit(
+                f"run_loop.py: step {label} failed (exit {proc.returncode}); its log {step_log} ends:\n"
+                + "\n".join(tail)
+            )
+        print(f"[{label}] done in {self.timings[label]:.1f}s (log: {step_log})", flush=True)
+
+    def parallel(self, label: str, script: str, args_per_process: list[list[str]]) -> None:
+        """Run one process per argument list at once (not torchrun); stop the loop if one fails."""
+        label = label.replace("/", "_")
+        procs = []
+        t0 = time.time()
+        for i, args in enumerate(args_per_process):
+            cmd = self.command(script, args, distributed=False)
+            print(f"\n[{label}{i}] " + " ".join(shlex.quote(c) for c in cmd[1:]), flush=True)
+            self.log.write(" ".join(shlex.quote(c) for c in cmd) + " &\n")
+            procs.append(
+                subprocess.Popen(cmd, cwd=SCRIPTS, env=self.env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            )
+        for i, proc in enumerate(procs):
+            _, err = proc.communicate()
+            if proc.returncode != 0:
+                sys.exit(f"run_loop.py: {label} process {i} failed:\n{err.decode(errors='replace')[-3000:]}")
+        self.timings[label] = time.time() - t0
+
+
+# ---------------------------------------------------------------------------
+# The steps
+# ---------------------------------------------------------------------------
+
+
+def reader_flags(opt) -> list[str]:
+    flags = ["--n_context", str(opt.n_context), "--text_maxlength", str(opt.text_maxlength)]
+    flags += ["--precision", opt.precision]
+    return flags + (["--no_title"] if opt.no_title else [])
+
+
+def passage_flags(opt) -> list[str]:
+    """How passages are read into the retriever (train_retriever.py, generate_passage_embeddings.py).
+    No --precision: the corpus scripts keep their default (the original's: fp16 on GPU,
+    fp32 on CPU), so the toy table is the one measured before they honoured the flag."""
+    flags = ["--passage_maxlength", str(opt.passage_maxlength)]
+    return flags + (["--no_title"] if opt.no_title else [])
+
+
+def train_reader(run: Runner, opt, name: str, start: str, fresh: bool, train: Path, dev: Path) -> Path:
+    args = [
+        "--train_data", str(train), "--eval_data", str(dev),
+        "--model_name_or_path" if fresh else "--model_path", start,
+        "--checkpoint_dir", str(run.run_dir), "--name", name,
+        "--per_gpu_batch_size", str(opt.reader_batch_size),
+        "--total_steps", str(opt.reader_steps), "--warmup_steps", str(max(opt.reader_steps // 20, 1)),
+        "--scheduler", "linear", "--lr", str(opt.reader_lr), "--optim", "adamw", "--weight_decay", "0.0",
+        "--dropout", "0.0", "--eval_freq", str(opt.reader_eval_freq), "--save_freq", str(opt.reader_steps),
+        "--eval_print_freq", "100000", "--seed", str(opt.seed),
+    ] + reader_flags(opt)  # fmt: skip
+    run(name, "train_reader.py", args)
+    return run.run_dir / name / "checkpoint" / "best_dev"
+
+
+def test_reader(run: Runner, opt, name: str, model: Path, data: Path, maxload: int = -1) -> Path:
+    args = [
+        "--model_path", str(model), "--eval_data", str(data), "--checkpoint_dir", str(run.run_dir), "--name", name,
+        "--per_gpu_batch_size", "32", "--write_results", "--write_crossattention_scores",
+        "--generation_max_length", str(opt.generation_max_length), "--maxload", str(maxload),
+        "--score_kind", opt.score_kind,
+    ] + reader_flags(opt)  # fmt: skip
+    run(name, "test_reader.py", args)
+    return run.run_dir / name
+
+
+def train_retriever(run: Runner, opt, name: str, start: str, train: Path, dev: Path) -> Path:
+    args = [
+        "--train_data", str(train), "--eval_data", str(dev), "--model_name_or_path", start,
+        "--checkpoint_dir", str(run.run_dir), "--name", name, "--n_context", str(opt.retriever_n_context),
+        "--per_gpu_batch_size", str(opt.retriever_batch_size), "--indexing_dimension", str(opt.indexing_dimension),
+        "--question_maxlength", str(opt.question_maxlength),
+        "--total_steps", str(opt.retriever_steps), "--warmup_steps", str(max(opt.retriever_steps // 10, 1)),
+        "--scheduler", "linear", "--lr", str(opt.retriever_lr), "--optim", "adamw", "--weight_decay", "0.0",
+        "--dropout", "0.0", "--eval_freq", str(max(opt.retriever_steps // 3, 1)),
+        "--save_freq", str(opt.retriever_steps), "--eval_print_freq", "100000", "--seed", str(opt.seed),
+        "--precision", opt.precision, "--retriever_loss", opt.retriever_loss,
+    ] + (["--in_batch_negatives"] if opt.in_batch_negatives else []) + passage_flags(opt)  # fmt: skip
+    run(name, "train_retriever.py", args)
+    return run.run_dir / name / "checkpoint" / "best_dev"
+
+
+def embed_corpus(run: Runner, opt, label: str, model: str, passages: Path, prefix: Path) -> None:
+    """The whole corpus, one shard per process (--nproc of them, in parallel), to `prefix`_*."""
+    args = [
+        "--model_path", model, "--passages", str(passages), "--output_path", str(prefix),
+        "--per_gpu_batch_size", "256",
+    ] + passage_flags(opt)  # fmt: skip
+    shards = max(opt.nproc, 1)
+    if shards == 1:
+        run(f"{label}_embed", "generate_passage_embeddings.py", args, distributed=False)
+        return
+    sharded = [args + ["--shard_id", str(shard), "--num_shards", str(shards)] for shard in range(shards)]
+    run.parallel(f"{label}_embed", "generate_passage_embeddings.py", sharded)
+
+
+def embed_and_retrieve(
+    run: Runner, opt, label: str, model: str, passages: Path, splits: dict[str, Path]
+) -> dict[str, Path]:
+    """Embed the corpus and retrieve for every split: {split: retrieved question file}."""
+    out = run.run_dir / label
+    prefix = out / "embeddings" / "passages"
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    embed_corpus(run, opt, label, model, passages, prefix)
+    retrieved = {}
+    for split, data in splits.items():
+        retrieved[split] = out / "retrieved" / f"{split}.json"
+        run(f"{label}_retrieve_{split}", "passage_retrieval.py", [
+            "--model_path", model, "--passages", str(passages), "--passages_embeddings", f"{prefix}_*",
+            "--data", str(data), "--output_path", str(retrieved[split]), "--n-docs", str(opt.n_docs),
+            "--question_maxlength", str(opt.question_maxlength), "--validation_workers", "1",
+        ], distributed=False)  # fmt: skip
+    return retrieved
+
+
+def top_ctxs(src: Path, dst: Path, n: int) -> Path:
+    """`src` with each question's ctxs cut to the n the reader reads (`read_ctxs`).
+
+    The reader scores only the first n_context ctxs; any further ctxs would keep their
+    retriever scores in dataset_wscores.json, and train_retriever.py, which sorts ctxs
+    by score, would mix the two scales. So every file the reader reads holds exactly
+    the passages it reads."""
+    questions = load_questions(src)
+    if all(len(q.get("ctxs") or []) <= n for q in questions):
+        return src
+    for q in questions:
+        q["ctxs"] = read_ctxs(q, n)
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    write_questions(dst, questions)
+    return dst
+
+
+def make_toy(opt, run_dir: Path) -> None:
+    """Toy world, BM25 ctxs and tiny starting models, written into the run directory."""
+    data = run_dir / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    n = opt.toy_entities
+    split = max(n * len(toy.ATTRIBUTES) // 12, 10)  # 1/12 of the questions each for dev and test
+    world = toy.make_world(seed=opt.seed, n_entities=n, n_dev=split, n_test=split)
+    bm25 = toy.add_bm25_ctxs(world.train, world.passages, opt.n_docs)
+    toy.add_bm25_ctxs(world.dev + world.test, world.passages, opt.n_docs, bm25)
+    toy.write_passages_tsv(data / "psgs_w100.tsv", world.passages)
+    for name, questions in (("train", world.train), ("dev", world.dev), ("test", world.test)):
+        write_questions(data / f"{name}.json", questions)
+    opt.train_data, opt.eval_data, opt.test_data = (str(data / f"{s}.json") for s in ("train", "dev", "test"))
+    opt.passages = str(data / "psgs_w100.tsv")
+    models = run_dir / "models"
+    opt.reader_model = str(toy.build_reader(models / "reader_start", world, seed=opt.seed))
+    opt.retriever_model = str(
+        toy.build_retriever(models / "retriever_start", world, dim=opt.indexing_dimension, seed=opt.seed)
+    )
+    print(
+        f"toy world: {len(world.passages)} passages, {len(world.train)}/{len(world.dev)}/{len(world.test)} "
+        f"train/dev/test questions, BM25 ctxs, tiny models in {models}",
+        flush=True,
+    )
+
+
+# ---------------------------------------------------------------------------
+# The loop
+# ---------------------------------------------------------------------------
+
+
+def run_round(
+    run: Runner, opt, tag: str, splits: dict[str, Path], reader: str, fresh: bool, retriever: str, passages: Path
+) -> tuple[Path, dict[str, Path], Path, dict[str, Path]]:
+    """One round's steps from the reader and retriever `reader`, `retriever` on `splits`:
+    (its reader, {split: scoring run dir}, its retriever, {split: retrieved file})."""
+    reader = train_reader(run, opt, f"{tag}/reader", reader, fresh, splits["train"], splits["dev"])
+    scored = {
+        split: test_reader(
+            run, opt, f"{tag}/score_{split}", reader, path, opt.score_maxload if split == "train" else -1
+        )
+        for split, path in splits.items()
+    }
+    retriever = train_retriever(
+        run, opt, f"{tag}/retriever", retriever,
+        scored["train"] / "dataset_wscores.json", scored["dev"] / "dataset_wscores.json",
+    )  # fmt: skip
+    retrieved = embed_and_retrieve(run, opt, f"{tag}/retrieval", str(retriever), passages, splits)
+    return reader, scored, retriever, retrieved
+
+
+@dataclass
+class Setup:
+    """What every run of the loop starts from: the data cut to n_context, and the baselines."""
+
+    run: Runner
+    passages: Path
+    splits: dict[str, Path]
+    test_questions: list[dict]
+    first_stage: dict[int, float]
+    first_stage_name: str
+    retriever_init: dict[int, float]
+    reader_init_em: float
+    started: float
+
+
+def prepare(opt) -> Setup:
+    """The toy world (by default), the first stage's top n_context ctxs per split, and the
+    baselines: the starting retriever over the whole corpus ("before distillation") and
+    the starting reader on the test set (what its initialisation alone gives)."""
+    run_dir = Path(opt.output_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    if opt.toy:
+        make_toy(opt, run_dir)
+    run = Runner(opt, run_dir)
+    passages, n = Path(opt.passages), opt.n_context
+    test_questions = load_questions(opt.test_data, rank=True)
+    first_stage = ctxs_topk(test_questions)  # the first stage's own ranking, all its ctxs
+    first_stage_name = "BM25 (first stage)" if opt.toy else "the first stage (input ctxs)"
+    inputs = {"train": opt.train_data, "dev": opt.eval_data, "test": opt.test_data}
+    splits = {s: top_ctxs(Path(p), run_dir / "data" / f"{s}.top{n}.json", n) for s, p in inputs.items()}
+    init = embed_and_retrieve(run, opt, "retriever_init", opt.retriever_model, passages, {"test": splits["test"]})
+    retriever_init = ctxs_topk(load_questions(init["test"], rank=True))
+    start_scored = test_reader(run, opt, "reader_init/score_test", Path(opt.reader_model), splits["test"])
+    reader_init_em = reader_em(start_scored, test_questions)
+    return Setup(
+        run, passages, splits, test_questions, first_stage, first_stage_name, retriever_init, reader_init_em, started
+    )
+
+
+def run_loop(opt, setup: Setup | None = None) -> Path:
+    """Run the rounds that run_loop.py's options describe; returns the run directory."""
+    setup = setup or prepare(opt)
+    run, passages, splits, n = setup.run, setup.passages, setup.splits, opt.n_context
+    rounds: list[dict] = []
+    reader, fresh, retriever = opt.reader_model, True, opt.retriever_model
+    for r in range(1, opt.rounds + 1):
+        print(f"\n===== round {r} =====", flush=True)
+        reader, scored, retriever, retrieved = run_round(
+            run, opt, f"round{r}", splits, reader, fresh, retriever, passages
+        )
+        em = (
+            reader_em(scored["dev"], load_questions(splits["dev"])),
+            reader_em(scored["test"], setup.test_questions),
+        )
+        xattn = xattn_top1(load_questions(scored["test"] / "dataset_wscores.json"), n, opt.seed)
+        topk = (setup.first_stage, setup.retriever_init, ctxs_topk(load_questions(retrieved["test"], rank=True)))
+        reader_ctxs = setup.first_stage_name if r == 1 else f"round {r - 1}'s distilled retriever"
+        rounds.append(round_result(r, reader_ctxs, (*em, setup.reader_init_em), xattn, topk))
+        print(f"\n===== round {r} results =====\n" + table(rounds, setup.first_stage_name), flush=True)
+        splits = {s: top_ctxs(p, p.with_suffix(f".top{n}.json"), n) for s, p in retrieved.items()}
+        reader, fresh, retriever = str(reader), False, str(retriever)
+
+    md = write_report(run.run_dir, opt, rounds, setup.first_stage_name, run.timings, time.time() - setup.started)
+    print(f"\n{md}\nrun directory (report.md, report.json):", flush=True)
+    print(run.run_dir, flush=True)
+    return run.run_dir

@@ -1,0 +1,160 @@
+"""The loop's report (run_loop.py): the metrics of its table, the table, and the files
+report.md, report.json (one entry per round) and run_summary.json.
+
+Every metric is evaluation.py's: reader EM is `mean_em`, top-k is `top_k_accuracy_at`
+over DPR hasanswer hits; the passages the reader read are `questions.read_ctxs`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import resource
+from pathlib import Path
+
+from .evaluation import has_answer, mean_em, retrieval_hits, top_k_accuracy_at
+from .files import atomic_write
+from .questions import read_ctxs
+
+KS = (1, 5, 20)
+
+# ---------------------------------------------------------------------------
+# Metrics of the table
+# ---------------------------------------------------------------------------
+
+
+def reader_em(run_dir: Path, questions: list[dict]) -> float:
+    """EM of `run_dir`/final_output.txt (id<TAB>answer) against the questions' answers
+    (questions without answers are left out; a question without an answer line scores 0)."""
+    answers = {}
+    for line in (Path(run_dir) / "final_output.txt").read_text(encoding="utf-8").splitlines():
+        qid, _, answer = line.partition("\t")
+        answers[qid] = answer
+    em, _ = mean_em([answers.get(str(q["id"]), "") for q in questions], [q.get("answers") for q in questions])
+    return 0.0 if em is None else em
+
+
+def xattn_top1(wscores: list[dict], n_context: int, seed: int = 0) -> tuple[float, float]:
+    """(share of questions whose top reader-scored passage has the answer, the same for a
+    random passage among those scored): the cross-attention score against chance.
+
+    `wscores`: test_reader.py's dataset_wscores.json as written (ctxs in the order the
+    reader read them), loaded without re-ranking."""
+    rng = random.Random(seed)
+    top = chance = 0.0
+    counted = 0
+    for q in wscores:
+        ctxs = read_ctxs(q, n_context)  # the passages the reader read and scored
+        if not ctxs or not q.get("answers"):
+            continue
+        hits = [has_answer(q["answers"], c["text"]) for c in ctxs]
+        best = max(range(len(ctxs)), key=lambda j: float(ctxs[j]["score"]))
+        top += hits[best]
+        chance += hits[rng.randrange(len(ctxs))]
+        counted += 1
+    return top / max(counted, 1), chance / max(counted, 1)
+
+
+def ctxs_topk(questions: list[dict], ks=KS) -> dict[int, float]:
+    """Top-k accuracy of each question's ctxs in ranking order (load the file with
+    `load_questions(..., rank=True)`), hasanswer recomputed from the text (DPR
+    convention); questions without answers are left out."""
+    counted = [q for q in questions if q.get("answers")]
+    texts = [[c["text"] for c in q.get("ctxs") or []] for q in counted]
+    return top_k_accuracy_at(retrieval_hits([q["answers"] for q in counted], texts), ks)
+
+
+def round_result(
+    r: int,
+    reader_ctxs: str,
+    reader_em: tuple[float, float, float],
+    xattn: tuple[float, float],
+    topk: tuple[dict[int, float], dict[int, float], dict[int, float]],
+) -> dict:
+    """One round's entry of report.json (and column of the table).
+
+    reader_em: (dev, test, the untrained starting reader on test); xattn: `xattn_top1`'s
+    pair; topk: `ctxs_topk` of (the first stage, the retriever before distillation, the
+    distilled retriever), on test."""
+    dev_em, test_em, init_em = reader_em
+    first_stage, retriever_init, retriever = topk
+    return {
+        "round": r,
+        "reader_dev_em": dev_em,
+        "reader_test_em": test_em,
+        "reader_init_test_em": init_em,
+        "xattn_top1_hasanswer": xattn[0],
+        "xattn_top1_chance": xattn[1],
+        **{f"first_stage_top{k}": first_stage[k] for k in KS},
+        **{f"retriever_init_top{k}": retriever_init[k] for k in KS},
+        **{f"retriever_top{k}": retriever[k] for k in KS},
+        "reader_ctxs": reader_ctxs,
+    }
+
+
+# ---------------------------------------------------------------------------
+# The table and the files
+# ---------------------------------------------------------------------------
+
+
+def fmt(x: float) -> str:
+    return f"{x:.3f}"
+
+
+def table(rounds: list[dict], first_stage: str = "first stage") -> str:
+    """Markdown table: one column per round, each metric followed by its baselines."""
+    rows = [
+        ("reader reads the passages of", None),
+        ("reader EM, dev", "reader_dev_em"),
+        ("reader EM, test", "reader_test_em"),
+        ("  baseline: the starting reader, untrained", "reader_init_test_em"),
+        ("test: reader's top cross-attention passage has the answer", "xattn_top1_hasanswer"),
+        ("  baseline: a random passage among those it scored", "xattn_top1_chance"),
+    ]
+    for k in KS:
+        rows += [
+            (f"test top-{k} over the whole corpus: distilled retriever", f"retriever_top{k}"),
+            ("  baseline: the same retriever before distillation", f"retriever_init_top{k}"),
+            (f"  reference: {first_stage}", f"first_stage_top{k}"),
+        ]
+    out = "| | " + " | ".join(f"round {r['round']}" for r in rounds) + " |\n"
+    out += "|---|" + "---|" * len(rounds) + "\n"
+    for label, key in rows:
+        label = label.replace("  ", "&nbsp;&nbsp;↳ ") if label.startswith("  ") else label
+        cells = [r["reader_ctxs"] if key is None else fmt(r[key]) for r in rounds]
+        out += f"| {label} | " + " | ".join(cells) + " |\n"
+    return out
+
+
+def write_report(
+    run_dir: Path, opt, rounds: list[dict], first_stage: str, timings: dict[str, float], wall: float
+) -> str:
+    """report.json (the rounds), run_summary.json (times, memory, options) and report.md
+    in `run_dir`; returns report.md's text."""
+    peak_mb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # largest single step, Linux KiB
+    summary = {
+        "rounds": rounds,
+        "wall_seconds": round(wall, 1),
+        "peak_step_rss_mb": round(peak_mb, 1),
+        "step_seconds": {k: round(v, 1) for k, v in timings.items()},
+        "data": {k: str(v) for k, v in (("passages", Path(opt.passages)), ("test", Path(opt.test_data)))},
+        "options": {k: v for k, v in vars(opt).items()},
+    }
+    # report.json is the list of rounds the issue asks for; the rest goes beside it.
+    with atomic_write(run_dir / "report.json") as f:
+        json.dump(rounds, f, indent=1)
+    with atomic_write(run_dir / "run_summary.json") as f:
+        json.dump(summary, f, indent=1)
+    md = (
+        f"# FiD loop: {opt.rounds} round(s)\n\n{table(rounds, first_stage)}\n"
+        f"Round 1's reader reads the first stage's passages; round r > 1's reader and retriever continue from\n"
+        f"round r−1's, and the reader reads the passages of round r−1's distilled retriever. Top-k: share of test questions with an\n"
+        f"answer-bearing passage (DPR hasanswer) in the top k over the whole corpus. Signal: {opt.score_kind}; retriever\n"
+        f"loss: {opt.retriever_loss} over each question's passages{' + in-batch negatives' if opt.in_batch_negatives else ''}.\n\n"
+        f"Wall time {wall / 60:.1f} min, largest step peak RSS {peak_mb:.0f} MB, {os.cpu_count()} CPUs visible.\n"
+        f"Commands: `commands.log`; tensorboard: `tensorboard --logdir {run_dir}`.\n"
+    )
+    with atomic_write(run_dir / "report.md") as f:
+        f.write(md)
+    return md
