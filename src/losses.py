@@ -38,6 +38,17 @@ def get_loss(name: str) -> Loss:
     return LOSSES[name]
 
 
+def _retriever_log_probs(scores, gold_scores, temperature_score, negative_scores):
+    """(scores, gold in float32, valid (B, N), log softmax(scores/T) over the valid passages
+    and the negatives, (B, N)): what every loss starts from."""
+    scores, gold_scores = scores.float(), gold_scores.float().to(scores.device)
+    valid = torch.isfinite(gold_scores) & torch.isfinite(scores)  # (B, N)
+    student = torch.where(valid, scores / temperature_score, -math.inf)  # (B, N)
+    if negative_scores is not None:
+        student = torch.cat([student, negative_scores.float() / temperature_score], dim=-1)  # (B, N + M)
+    return scores, gold_scores, valid, torch.log_softmax(student, dim=-1)[:, : scores.size(-1)]
+
+
 @register("kl")
 def kl_loss(
     scores: torch.Tensor,
@@ -53,16 +64,10 @@ def kl_loss(
     this one divided by N. `negative_scores` join the student's softmax only, so the KL
     pushes them down (in-batch negatives, `--in_batch_negatives`; not in the papers).
     """
-    scores, gold_scores = scores.float(), gold_scores.float().to(scores.device)
-    valid = torch.isfinite(gold_scores) & torch.isfinite(scores)  # (B, N)
-    neg_inf = torch.tensor(-math.inf, device=scores.device)
+    scores, gold_scores, valid, log_q = _retriever_log_probs(scores, gold_scores, temperature_score, negative_scores)
     # Fill with −inf before the softmax, then 0 in the log-probabilities, so that
     # 0·log 0 never turns into NaN in the forward or the backward pass.
-    log_p = torch.log_softmax(torch.where(valid, gold_scores / temperature_gold, neg_inf), dim=-1)
-    student = torch.where(valid, scores / temperature_score, neg_inf)  # (B, N)
-    if negative_scores is not None:
-        student = torch.cat([student, negative_scores.float() / temperature_score], dim=-1)  # (B, N + M)
-    log_q = torch.log_softmax(student, dim=-1)[:, : scores.size(-1)]  # (B, N)
+    log_p = torch.log_softmax(torch.where(valid, gold_scores / temperature_gold, -math.inf), dim=-1)
     log_p, log_q = log_p.masked_fill(~valid, 0.0), log_q.masked_fill(~valid, 0.0)
     kl = (log_p.exp() * valid * (log_p - log_q)).sum(dim=-1)  # (B,)
     return kl.mean()
@@ -85,12 +90,8 @@ def emdr_loss(
     jointly); here the reader is fixed and exported one sequence score per passage.
     `negative_scores` join the prior's softmax with likelihood 0.
     """
-    scores, gold_scores = scores.float(), gold_scores.float().to(scores.device)
-    valid = torch.isfinite(gold_scores) & torch.isfinite(scores)  # (B, N)
-    neg_inf = torch.tensor(-math.inf, device=scores.device)
-    prior = torch.where(valid, scores / temperature_score, neg_inf)  # (B, N)
-    if negative_scores is not None:
-        prior = torch.cat([prior, negative_scores.float() / temperature_score], dim=-1)  # (B, N + M)
-    log_prior = torch.log_softmax(prior, dim=-1)[:, : scores.size(-1)]  # (B, N)
-    joint = torch.where(valid, log_prior + gold_scores, neg_inf)  # log prior_k + log p(y | k)
+    scores, gold_scores, valid, log_prior = _retriever_log_probs(
+        scores, gold_scores, temperature_score, negative_scores
+    )
+    joint = torch.where(valid, log_prior + gold_scores, -math.inf)  # log prior_k + log p(y | k)
     return -torch.logsumexp(joint, dim=-1).mean()
