@@ -24,7 +24,7 @@ SHARED = "it only matters to other scripts"
 
 def init_logger(run_dir: str | Path | None = None, is_main: bool = True) -> logging.Logger:
     """Log to stdout and, on the main process, to `run_dir/run.log` (appending on resume)."""
-    logger.handlers.clear()
+    close_loggers(("fid",))
     logger.setLevel(logging.INFO if is_main else logging.WARNING)
     fmt = logging.Formatter("[%(asctime)s] %(levelname)s %(message)s", datefmt="%m/%d %H:%M:%S")
     stream = logging.StreamHandler(sys.stdout)
@@ -36,6 +36,16 @@ def init_logger(run_dir: str | Path | None = None, is_main: bool = True) -> logg
         handler.setFormatter(fmt)
         logger.addHandler(handler)
     return logger
+
+
+def close_loggers(names: tuple[str, ...] = ("fid", "fid.topk")) -> None:
+    """Close and drop the handlers of the scripts' loggers (their log files and streams):
+    before a new run configures them, or after a script ran inside another process."""
+    for name in names:
+        log = logging.getLogger(name)
+        for handler in log.handlers:
+            handler.close()
+        log.handlers.clear()
 
 
 def set_seed(seed: int) -> None:

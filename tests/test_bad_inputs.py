@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import importlib
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -24,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from src.cli import cli
+from src.cli import cli, close_loggers
 from src.embedding import write_shard
 from src.retriever_model import Retriever
 from src.tiny import save_tiny_bert, save_tiny_t5
@@ -170,11 +169,7 @@ def run_bad(script: str, args: list[str], in_subprocess: bool, capsys) -> str:
         else:
             code = 0
         finally:
-            for name in ("fid", "fid.topk"):  # the scripts' handlers hold files and this test's streams
-                log = logging.getLogger(name)
-                for handler in log.handlers:
-                    handler.close()
-                log.handlers.clear()
+            close_loggers()  # the scripts' handlers hold files and this test's streams
         captured = capsys.readouterr()
         output = captured.out + captured.err
         assert code == 2, output[-3000:]

@@ -18,7 +18,7 @@ import passage_retrieval
 import test_reader
 import train_reader
 import train_retriever
-from src.cli import warn_ignored
+from src.cli import close_loggers, warn_ignored
 from src.devices import autocast, resolve_precision
 from src.embedding import read_shard, write_shard
 from src.optim import unused_flags
@@ -143,11 +143,7 @@ def run_main(module, args: list[str], caplog) -> dict[str, str]:
         with caplog.at_level(logging.INFO, logger="fid"):
             module.main([str(a) for a in args])
     finally:
-        for name in ("fid", "fid.topk"):  # the scripts' handlers hold files and this test's streams
-            log = logging.getLogger(name)
-            for handler in log.handlers:
-                handler.close()
-            log.handlers.clear()
+        close_loggers()  # the scripts' handlers hold files and this test's streams
     warned = {}
     for record in caplog.records:
         message = record.getMessage()
