@@ -103,6 +103,13 @@ class Options:
         g.add_argument(
             "--num_beams", type=positive_int, default=1, help="beam search width (1: greedy, as the original)"
         )
+        g.add_argument(
+            "--no_packing",
+            action="store_true",
+            help="the original padded path: encode every passage at --text_maxlength and cross-attend to padding too "
+            "(default: length-bucketed encoder, cross-attention over real tokens only; same outputs up to float "
+            "rounding, faster; README 'Speed')",
+        )
 
     def add_retriever_options(self) -> None:
         g = self.parser.add_argument_group("retriever")

@@ -54,6 +54,9 @@ def load_reader(model_dir: str, opt, log: logging.Logger = logger):
     """(reader, tokenizer): the model first, so that a directory without one says so rather
     than that its tokenizer is missing."""
     model = FiDT5.load(model_dir, logger=log)
+    model.packing = not getattr(opt, "no_packing", False)
+    if not model.packing:
+        log.info("--no_packing: passages padded to --text_maxlength, cross-attention over padding too")
     return model, load_tokenizer(tokenizer_source(opt, model_dir))
 
 

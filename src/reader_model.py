@@ -13,17 +13,20 @@ import transformers
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
-from . import legacy
+from . import legacy, packing
 from .modeling import check_model_path, config_model_type
+from .packing import EncodedPassages
 
 
 class FiDT5(transformers.T5ForConditionalGeneration):
     """Fusion-in-Decoder on a T5 (paper [1], §3): each passage is encoded on its own, the
     decoder attends over all of them at once.
 
-    Inputs are (B, N, L): B questions × N passages × L tokens. The encoder runs on
-    (B·N, L); its states are concatenated per question into (B, N·L, d) and the decoder
-    cross-attends over them with the matching (B, N·L) mask. Parameter names are T5's,
+    Inputs are (B, N, L): B questions × N passages × L tokens. The encoder reads each of
+    the B·N passages on its own; their states are concatenated per question into
+    (B, S, d) and the decoder cross-attends over them with the matching (B, S) mask. On
+    the original path S = N·L (every padding position included); with `packing` (the
+    default, packing.py) S is the batch's longest question in real tokens. Parameter names are T5's,
     so `FiDT5.from_pretrained(any_t5)` works and the weights are plain T5 weights.
 
     Two config flags, set when loading an original FiD checkpoint and saved with the
@@ -36,6 +39,7 @@ class FiDT5(transformers.T5ForConditionalGeneration):
 
     def __init__(self, config: transformers.T5Config):
         super().__init__(config)
+        self.packing = True  # a run-time choice (--no_packing), not saved with the model
         if getattr(config, "fid_legacy_xattn_bias", False):
             legacy.enable_legacy_xattn_bias(self)
         if getattr(config, "fid_legacy_layer_norm", False):
@@ -47,10 +51,10 @@ class FiDT5(transformers.T5ForConditionalGeneration):
 
     # -- encoder ---------------------------------------------------------------
 
-    def encode_passages(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
-    ) -> tuple[BaseModelOutput, torch.Tensor]:
-        """(B, N, L) ids and mask → encoder states (B, N·L, d) and the decoder's mask (B, N·L)."""
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> EncodedPassages:
+        """The encoder over (B, N, L) passages. With `packing` (the default; README "Speed")
+        the passages are encoded in length buckets and the decoder reads real tokens only;
+        `packing = False` (`--no_packing`) is the original path, every position encoded."""
         if input_ids.dim() != 3:
             raise ValueError(f"FiDT5 expects passages as (B, N, L) token ids, got shape {tuple(input_ids.shape)}")
         if attention_mask is None or attention_mask.shape != input_ids.shape:
@@ -58,17 +62,20 @@ class FiDT5(transformers.T5ForConditionalGeneration):
                 "FiDT5 needs the passages' attention_mask with the shape of input_ids (B, N, L); "
                 f"got {None if attention_mask is None else tuple(attention_mask.shape)}"
             )
-        B, N, L = input_ids.shape
-        mask = attention_mask.reshape(B * N, L)
-        # A missing passage (fewer ctxs than N) is all padding. The encoder sees its tokens
-        # anyway: a fully masked row can give NaN states with some attention kernels, and
-        # NaN would leak through the decoder's masked positions (0·NaN). The decoder's
-        # mask still hides such a passage completely.
-        empty = ~mask.bool().any(dim=-1, keepdim=True)  # (B·N, 1)
-        states = self.encoder(
-            input_ids=input_ids.reshape(B * N, L), attention_mask=mask.masked_fill(empty, 1)
-        ).last_hidden_state  # (B·N, L, d)
-        return BaseModelOutput(last_hidden_state=states.reshape(B, N * L, -1)), attention_mask.reshape(B, N * L)
+        if self.packing and packing.packable(attention_mask):
+            # The legacy bias sees each key's position in the N·L sequence: keep that layout.
+            return packing.encode_in_buckets(
+                self.encoder, input_ids, attention_mask, packed=not self.has_legacy_xattn_bias
+            )
+        return packing.encode_padded(self.encoder, input_ids, attention_mask)
+
+    def encode_passages(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor
+    ) -> tuple[BaseModelOutput, packing.PassageLayout]:
+        """(B, N, L) ids and mask → encoder states (B, S, d) for the decoder and their layout
+        (`layout.mask` (B, S) is the decoder's mask). S = N·L on the original path, the
+        longest question's real tokens with packing."""
+        return self.encode(input_ids, attention_mask).fused()
 
     def set_checkpoint(self, use: bool) -> None:
         """Activation checkpointing of the encoder blocks (`--use_checkpoint`): recompute
@@ -83,12 +90,12 @@ class FiDT5(transformers.T5ForConditionalGeneration):
 
     def forward(self, input_ids=None, attention_mask=None, encoder_outputs=None, **kwargs):
         """(B, N, L) `input_ids`/`attention_mask` (+ `labels` (B, T) for T5's token
-        cross-entropy). Inside `generate` the encoder states come precomputed with the
-        flattened (B, N·L) mask; 2-D `input_ids` without them are one passage per question
+        cross-entropy). Inside `generate` the encoder states come precomputed with their
+        (B, S) mask; 2-D `input_ids` without them are one passage per question
         (plain T5)."""
         if encoder_outputs is None and input_ids is not None and input_ids.dim() == 3:
-            encoder_outputs, attention_mask = self.encode_passages(input_ids, attention_mask)
-            input_ids = None
+            encoder_outputs, layout = self.encode_passages(input_ids, attention_mask)
+            input_ids, attention_mask = None, layout.mask
         elif attention_mask is not None and attention_mask.dim() == 3:
             attention_mask = attention_mask.flatten(1)
         return super().forward(
@@ -104,11 +111,12 @@ class FiDT5(transformers.T5ForConditionalGeneration):
         Greedy unless told otherwise (`num_beams`, ...). `max_length` counts the decoder
         start token, as in the original (max_length=20 → at most 19 answer tokens).
         transformers 5 refuses a 3-D mask (and without one would attend to padding), so
-        the encoder runs here and generation gets its states with the (B, N·L) mask.
+        the encoder runs here and generation gets its states with their (B, S) mask.
         """
         if input_ids is not None and input_ids.dim() == 3:
-            kwargs["encoder_outputs"], attention_mask = self.encode_passages(input_ids, attention_mask)
-            input_ids = input_ids.flatten(1)  # (B, N·L): generate only reads batch size and device
+            kwargs["encoder_outputs"], layout = self.encode_passages(input_ids, attention_mask)
+            attention_mask = layout.mask
+            input_ids = None  # generate takes the batch size from the encoder states
         if max_length is not None:
             kwargs["max_length"] = max_length
         start = self.config.decoder_start_token_id

@@ -89,13 +89,6 @@ def attach_scores(example: dict[str, Any], scores: list[float], n_context: int) 
             ctx["retriever_score"] = ctx.pop("score")
 
 
-def passage_means(token_scores: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """(B, N, L) token scores → (B, N) means over each passage's real tokens (0.0 when it has none)."""
-    mask = attention_mask.to(token_scores.dtype)
-    n_tokens = mask.sum(dim=-1)  # (B, N)
-    return ((token_scores * mask).sum(dim=-1) / n_tokens.clamp(min=1.0)).float()
-
-
 # ---------------------------------------------------------------------------
 # Cross-attention kinds
 # ---------------------------------------------------------------------------
@@ -106,19 +99,19 @@ def _logits(logits: torch.Tensor, mask: torch.Tensor, value_norms: torch.Tensor 
 
 
 def _probabilities(logits: torch.Tensor, mask: torch.Tensor, value_norms: torch.Tensor | None) -> torch.Tensor:
-    """(Bk, H, T, N·L) logits → attention probabilities over the real tokens."""
-    mask = mask.repeat_interleave(logits.shape[0] // mask.shape[0], dim=0)  # (Bk, N·L)
+    """(Bk, H, T, S) logits → attention probabilities over the real tokens."""
+    mask = mask.repeat_interleave(logits.shape[0] // mask.shape[0], dim=0)  # (Bk, S)
     logits = logits.masked_fill(~mask.bool()[:, None, None, :], torch.finfo(logits.dtype).min)
     return logits.softmax(dim=-1)
 
 
 def _value_weighted(logits: torch.Tensor, mask: torch.Tensor, value_norms: torch.Tensor) -> torch.Tensor:
-    return _probabilities(logits, mask, None) * value_norms[:, :, None, :]  # value_norms (Bk, H, N·L)
+    return _probabilities(logits, mask, None) * value_norms[:, :, None, :]  # value_norms (Bk, H, S)
 
 
 class CrossAttentionCapture:
     """Forward hooks that turn the decoder's cross-attention at the first call of each
-    layer into per-token scores (Bk, N·L), averaged over layers and heads.
+    layer into per-token scores (Bk, S), averaged over layers and heads.
 
     In T5Attention the q projection runs before k, and k before v, so the k hook has
     the query of its layer. With the cache on, k runs once per layer (the first step)
@@ -162,8 +155,8 @@ class CrossAttentionCapture:
     def _on_key(self, i: int, module, inputs, output) -> None:
         if i in self.done or i not in self.queries:
             return
-        query, key = self.queries.pop(i), self._split_heads(output)  # (Bk, H, T, dk), (Bk, H, N·L, dk)
-        logits = query @ key.transpose(-1, -2)  # (Bk, H, T, N·L); T5: no 1/√dk
+        query, key = self.queries.pop(i), self._split_heads(output)  # (Bk, H, T, dk), (Bk, H, S, dk)
+        logits = query @ key.transpose(-1, -2)  # (Bk, H, T, S); T5: no 1/√dk
         if self.model.has_legacy_xattn_bias:
             table = self.layers[0].relative_attention_bias
             logits = logits + legacy_xattn_bias(table, logits.shape[2], logits.shape[3]).float()
@@ -176,13 +169,13 @@ class CrossAttentionCapture:
     def _on_value(self, i: int, module, inputs, output) -> None:
         if i in self.done or i not in self.logits:
             return
-        value_norms = self._split_heads(output).norm(dim=-1)  # (Bk, H, N·L)
+        value_norms = self._split_heads(output).norm(dim=-1)  # (Bk, H, S)
         self._add(self.reduce(self.logits.pop(i), self.mask, value_norms))
         self.done.add(i)
 
     def _add(self, per_head: torch.Tensor) -> None:
-        """(Bk, H, T, N·L) → mean over heads and (weighted) steps, summed over layers."""
-        per_token = per_head.mean(dim=1)  # (Bk, T, N·L)
+        """(Bk, H, T, S) → mean over heads and (weighted) steps, summed over layers."""
+        per_token = per_head.mean(dim=1)  # (Bk, T, S)
         if self.step_weights is None:
             per_token = per_token[:, 0]
         else:
@@ -191,7 +184,7 @@ class CrossAttentionCapture:
         self.total = per_token if self.total is None else self.total + per_token
 
     def token_scores(self) -> torch.Tensor:
-        """(Bk, N·L) scores averaged over the decoder layers."""
+        """(Bk, S) scores averaged over the decoder layers."""
         if len(self.done) != len(self.layers):
             raise RuntimeError(f"cross-attention scores captured in {len(self.done)} of {len(self.layers)} layers")
         return self.total / len(self.layers)
@@ -199,15 +192,12 @@ class CrossAttentionCapture:
 
 def _first_token_scores(model, input_ids, attention_mask, reduce, **generate_kwargs):
     """Generate, scoring every passage by the cross-attention of the first decoded token."""
-    encoder_outputs, mask = model.encode_passages(input_ids, attention_mask)  # (B, N·L, d), (B, N·L)
-    B, N, L = input_ids.shape
-    with CrossAttentionCapture(model, mask, reduce) as capture:
-        generated = model.generate(
-            input_ids=input_ids.flatten(1), attention_mask=mask, encoder_outputs=encoder_outputs, **generate_kwargs
-        )
-    token_scores = capture.token_scores()
-    beams = token_scores.shape[0] // B  # beams of one question start identical
-    return generated, passage_means(token_scores[::beams].reshape(B, N, L), attention_mask)
+    encoder_outputs, layout = model.encode_passages(input_ids, attention_mask)  # (B, S, d), mask (B, S)
+    with CrossAttentionCapture(model, layout.mask, reduce) as capture:
+        generated = _generate(model, encoder_outputs, layout, **generate_kwargs)
+    token_scores = capture.token_scores()  # (B·beams, S)
+    beams = token_scores.shape[0] // input_ids.shape[0]  # beams of one question start identical
+    return generated, layout.passage_means(token_scores[::beams])
 
 
 @register("xattn", "pre-softmax q·kᵀ of the first decoded token, averaged over layers, heads and tokens (default)")
@@ -229,19 +219,16 @@ def xattn_value_norm(model, input_ids, attention_mask, **generate_kwargs):
 def xattn_all_tokens(model, input_ids, attention_mask, **generate_kwargs):
     """Generate, then replay the answer (up to and including its first EOS) with teacher
     forcing and average the pre-softmax scores over its decoding steps."""
-    encoder_outputs, mask = model.encode_passages(input_ids, attention_mask)
-    B, N, L = input_ids.shape
-    generated = model.generate(
-        input_ids=input_ids.flatten(1), attention_mask=mask, encoder_outputs=encoder_outputs, **generate_kwargs
-    )
-    token_scores = _teacher_forced_token_scores(model, generated, encoder_outputs, mask)
-    return generated, passage_means(token_scores.reshape(B, N, L), attention_mask)
+    encoder_outputs, layout = model.encode_passages(input_ids, attention_mask)
+    generated = _generate(model, encoder_outputs, layout, **generate_kwargs)
+    token_scores = _teacher_forced_token_scores(model, generated, encoder_outputs, layout.mask)
+    return generated, layout.passage_means(token_scores)
 
 
 def _teacher_forced_token_scores(
     model, generated: torch.Tensor, encoder_outputs: BaseModelOutput, mask: torch.Tensor
 ) -> torch.Tensor:
-    """(B, N·L) pre-softmax scores averaged over the answer's decoding steps."""
+    """(B, S) pre-softmax scores averaged over the answer's decoding steps."""
     decoder_input_ids = generated[:, :-1] if generated.shape[1] > 1 else generated  # (B, T)
     targets = generated[:, 1:] if generated.shape[1] > 1 else generated
     is_eos = targets == model.config.eos_token_id
@@ -273,18 +260,17 @@ def _alone_logprobs(model, input_ids, attention_mask, labels, **generate_kwargs)
     """Answers (B, T') and the (B, N, T) token log-probabilities of y given the question and
     each passage alone (one encoder pass serves both)."""
     B, N, L = input_ids.shape
-    encoder_outputs, mask = model.encode_passages(input_ids, attention_mask)  # (B, N·L, d), (B, N·L)
-    states = encoder_outputs.last_hidden_state.reshape(B * N, L, -1)  # one passage per row
+    encoded = model.encode(input_ids, attention_mask)
+    states, mask = encoded.alone()  # (B·N, W, d), (B·N, W): one passage per row
     per_passage_labels = labels.repeat_interleave(N, dim=0)  # (B·N, T)
-    logp = _token_logprobs(model, states, attention_mask.reshape(B * N, L), per_passage_labels).view(B, N, -1)
-    return _generate(model, input_ids, encoder_outputs, mask, **generate_kwargs), logp
+    logp = _token_logprobs(model, states, mask, per_passage_labels).view(B, N, -1)
+    encoder_outputs, layout = encoded.fused()
+    return _generate(model, encoder_outputs, layout, **generate_kwargs), logp
 
 
-def _generate(model, input_ids, encoder_outputs, mask, **generate_kwargs) -> torch.Tensor:
-    """The answers, from encoder states already computed."""
-    return model.generate(
-        input_ids=input_ids.flatten(1), attention_mask=mask, encoder_outputs=encoder_outputs, **generate_kwargs
-    )
+def _generate(model, encoder_outputs, layout, **generate_kwargs) -> torch.Tensor:
+    """The answers, from encoder states already computed ((B, S, d) with layout.mask (B, S))."""
+    return model.generate(attention_mask=layout.mask, encoder_outputs=encoder_outputs, **generate_kwargs)
 
 
 def _real(scores: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -310,16 +296,16 @@ def loop(model, input_ids, attention_mask, labels, loo_chunk: int = 8, **generat
     """One encoder pass; then, `loo_chunk` left-out passages at a time, one teacher-forced
     decoder pass over the other passages (the left-out one is masked, not re-encoded)."""
     B, N, L = input_ids.shape
-    encoder_outputs, mask = model.encode_passages(input_ids, attention_mask)  # (B, N·L, d), (B, N·L)
+    encoder_outputs, layout = model.encode_passages(input_ids, attention_mask)  # (B, S, d), mask (B, S)
     states = encoder_outputs.last_hidden_state
+    S = states.shape[1]
     n_tokens = (labels != -100).sum(-1).clamp(min=1)  # (B,)
     scores = torch.zeros(B, N, device=input_ids.device)
     for start in range(0, N, loo_chunk):
         left_out = torch.arange(start, min(start + loo_chunk, N), device=input_ids.device)  # (c,)
         c = len(left_out)
-        keep = (torch.arange(N, device=input_ids.device)[None, :] != left_out[:, None]).repeat_interleave(L, dim=1)
-        loo_mask = (mask[:, None, :] * keep[None]).reshape(B * c, N * L)  # (B·c, N·L)
-        loo_states = states[:, None].expand(B, c, N * L, states.shape[-1]).reshape(B * c, N * L, -1)
+        loo_mask = layout.without(left_out)  # (B·c, S)
+        loo_states = states[:, None].expand(B, c, S, states.shape[-1]).reshape(B * c, S, -1)
         logp = _token_logprobs(model, loo_states, loo_mask, labels.repeat_interleave(c, dim=0))  # (B·c, T)
         scores[:, start : start + c] = -(logp.sum(-1).view(B, c) / n_tokens[:, None])
-    return _generate(model, input_ids, encoder_outputs, mask, **generate_kwargs), _real(scores, attention_mask)
+    return _generate(model, encoder_outputs, layout, **generate_kwargs), _real(scores, attention_mask)

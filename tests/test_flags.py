@@ -37,7 +37,7 @@ COMMON = {
 }  # fmt: skip
 READER = {
     "train_data", "eval_data", "model_size", "use_checkpoint", "text_maxlength", "answer_maxlength", "no_title",
-    "n_context", "generation_max_length", "num_beams",
+    "n_context", "generation_max_length", "num_beams", "no_packing",
 }  # fmt: skip
 RETRIEVER = {
     "train_data", "eval_data", "indexing_dimension", "no_projection", "question_maxlength", "passage_maxlength",

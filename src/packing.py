@@ -1,0 +1,186 @@
+"""Passages without padding waste: an exact speed-up of the FiD reader (README "Speed").
+
+Users run `--text_maxlength` 200–250 while real passages (question + title + text) are
+~150–190 tokens, and with 100 passages per question the longest one is nearly always
+close to the maximum, so padding "to the longest in the batch" saves nothing. Two
+changes remove the padding and change no output beyond float rounding:
+
+- the encoder reads each passage on its own, so the B·N passages of a batch are encoded
+  in length buckets (sorted by length, each bucket padded only to its own longest) and
+  only their real tokens are kept (`encode_in_buckets`);
+- the decoder's cross-attention is over each question's real tokens only, concatenated
+  in passage order and padded to the batch's longest question (`EncodedPassages.fused`);
+  attention to a masked key is exactly zero, so the order and padding of keys do not
+  change the decoder. `PassageLayout` maps per-position scores back to passages.
+
+Original checkpoints with the legacy 3.0.2 cross-attention bias see the absolute
+position of each key in the N·L sequence, so their decoder keeps the padded layout
+(`packed=False`); their encoder is bucketed all the same.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers.modeling_outputs import BaseModelOutput
+
+MAX_BUCKETS = 8  # more buckets waste less padding but make smaller encoder calls
+ALIGN = 8  # bucket widths and key lengths rounded up to a multiple of 8 (tensor-core friendly)
+
+
+def _round_up(n: int, multiple: int = ALIGN) -> int:
+    return -(-n // multiple) * multiple
+
+
+def packable(attention_mask: torch.Tensor) -> bool:
+    """True when every passage's real tokens come first (right padding, as our collator
+    writes) and every question has at least one real token: the cases where the packed
+    path is exact. Anything else takes the padded path."""
+    B, N, L = attention_mask.shape
+    lengths = attention_mask.sum(-1, keepdim=True)  # (B, N, 1)
+    prefix = torch.arange(L, device=attention_mask.device) < lengths
+    return bool(torch.equal(attention_mask.bool(), prefix) and (lengths.sum(1) > 0).all())
+
+
+@dataclass
+class PassageLayout:
+    """Where each passage's tokens sit in the decoder's key sequence of S positions.
+
+    mask (B, S): 1 at real tokens. passage (B, S): the index n < N of the passage a
+    position belongs to, N at padding.
+    """
+
+    mask: torch.Tensor
+    passage: torch.Tensor
+    n_passages: int
+
+    def passage_means(self, token_scores: torch.Tensor) -> torch.Tensor:
+        """(B, S) scores per position → (B, N) means over each passage's real tokens (0.0 when none)."""
+        B = token_scores.shape[0]
+        scores = token_scores.float() * self.mask
+        sums = scores.new_zeros(B, self.n_passages + 1).scatter_add_(1, self.passage, scores)
+        counts = self.mask.float().new_zeros(B, self.n_passages + 1).scatter_add_(1, self.passage, self.mask.float())
+        return (sums / counts.clamp(min=1.0))[:, : self.n_passages]
+
+    def without(self, left_out: torch.Tensor) -> torch.Tensor:
+        """Masks (B·c, S) that hide, for each of the c passages in `left_out` (c,), that passage."""
+        keep = self.passage[:, None, :] != left_out[None, :, None]  # (B, c, S)
+        return (self.mask[:, None, :] * keep).reshape(-1, self.mask.shape[1])
+
+
+def padded_layout(attention_mask: torch.Tensor) -> PassageLayout:
+    """The original FiD layout: passage n at positions n·L … n·L+L−1 of (B, N·L)."""
+    B, N, L = attention_mask.shape
+    passage = torch.arange(N, device=attention_mask.device).repeat_interleave(L).expand(B, N * L)
+    mask = attention_mask.reshape(B, N * L)
+    return PassageLayout(mask, passage.masked_fill(~mask.bool(), N), N)
+
+
+class EncodedPassages:
+    """The encoder's states of B×N passages, to be laid out for the decoder.
+
+    Padded (the original path): `padded` (B·N, L, d), every position encoded.
+    Bucketed: `real` (R, d) holds the R real tokens only; row r is token `token[r]` of
+    flat passage `passage[r]` (= b·N + n).
+    """
+
+    def __init__(
+        self,
+        attention_mask: torch.Tensor,
+        padded: torch.Tensor | None = None,
+        real: torch.Tensor | None = None,
+        passage: torch.Tensor | None = None,
+        token: torch.Tensor | None = None,
+        packed: bool = True,
+    ):
+        self.attention_mask = attention_mask  # (B, N, L)
+        self.lengths = attention_mask.sum(-1)  # (B, N)
+        self.padded, self.real, self.passage, self.token = padded, real, passage, token
+        self.packed = packed and padded is None
+
+    def _place(self, rows: int, width: int, base: torch.Tensor) -> torch.Tensor:
+        """(rows, width, d) states with the real token (p, t) at row-major position base[p] + t, zeros elsewhere."""
+        dest = base[self.passage] + self.token  # (R,)
+        out = self.real.new_zeros(rows * width, self.real.shape[-1]).index_copy_(0, dest, self.real)
+        return out.view(rows, width, -1)
+
+    def fused(self) -> tuple[BaseModelOutput, PassageLayout]:
+        """What the decoder cross-attends to: states (B, S, d) and their layout (its mask (B, S))."""
+        B, N, L = self.attention_mask.shape
+        if self.padded is not None:
+            states = self.padded.reshape(B, N * L, -1)
+            return BaseModelOutput(last_hidden_state=states), padded_layout(self.attention_mask)
+        device = self.lengths.device
+        if not self.packed:
+            states = self._place(B * N, L, torch.arange(B * N, device=device) * L).reshape(B, N * L, -1)
+            return BaseModelOutput(last_hidden_state=states), padded_layout(self.attention_mask)
+        totals = self.lengths.sum(1)  # (B,) real tokens per question
+        S = _round_up(int(totals.max()))
+        offsets = self.lengths.cumsum(1) - self.lengths  # (B, N): where each passage starts
+        base = (torch.arange(B, device=device)[:, None] * S + offsets).reshape(-1)  # (B·N,)
+        states = self._place(B, S, base)
+        passage = torch.full((B * S,), N, dtype=torch.long, device=device)
+        passage[base[self.passage] + self.token] = self.passage % N
+        passage = passage.view(B, S)
+        mask = (passage < N).to(self.attention_mask.dtype)
+        return BaseModelOutput(last_hidden_state=states), PassageLayout(mask, passage, N)
+
+    def alone(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each passage as its own sequence: states (B·N, W, d) and mask (B·N, W) (the
+        likelihood scores read the question with one passage at a time)."""
+        B, N, L = self.attention_mask.shape
+        if self.padded is not None:
+            return self.padded, self.attention_mask.reshape(B * N, L)
+        lengths = self.lengths.reshape(-1)
+        W = _round_up(int(lengths.max()))
+        states = self._place(B * N, W, torch.arange(B * N, device=lengths.device) * W)
+        mask = (torch.arange(W, device=lengths.device) < lengths[:, None]).to(self.attention_mask.dtype)
+        return states, mask
+
+
+def encode_padded(encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> EncodedPassages:
+    """The original path: the encoder over all (B·N, L) positions."""
+    B, N, L = input_ids.shape
+    mask = attention_mask.reshape(B * N, L)
+    # A missing passage (fewer ctxs than N) is all padding. The encoder sees its tokens
+    # anyway: a fully masked row can give NaN states with some attention kernels, and
+    # NaN would leak through the decoder's masked positions (0·NaN). The decoder's
+    # mask still hides such a passage completely.
+    empty = ~mask.bool().any(dim=-1, keepdim=True)  # (B·N, 1)
+    states = encoder(input_ids=input_ids.reshape(B * N, L), attention_mask=mask.masked_fill(empty, 1))
+    return EncodedPassages(attention_mask, padded=states.last_hidden_state)
+
+
+def bucket_passages(lengths: torch.Tensor) -> list[torch.Tensor]:
+    """Flat passage indices grouped into at most MAX_BUCKETS buckets of similar length,
+    longest first; passages without tokens (missing ctxs) are in none."""
+    order = torch.argsort(lengths, descending=True, stable=True)
+    order = order[lengths[order] > 0]
+    return [chunk for chunk in torch.tensor_split(order, min(MAX_BUCKETS, len(order))) if len(chunk)]
+
+
+def encode_in_buckets(
+    encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor, packed: bool = True
+) -> EncodedPassages:
+    """The encoder over length buckets of the (B, N, L) passages: only real tokens kept.
+
+    Call only when `packable(attention_mask)`. Each passage is read on its own, padded
+    to its bucket's longest: its states equal the padded path's up to float rounding.
+    """
+    B, N, L = input_ids.shape
+    ids, mask = input_ids.reshape(B * N, L), attention_mask.reshape(B * N, L)
+    lengths = mask.sum(-1)  # (B·N,)
+    positions = torch.arange(L, device=ids.device)
+    real, passage, token = [], [], []
+    for idx in bucket_passages(lengths):
+        width = min(L, _round_up(int(lengths[idx[0]])))  # idx[0]: the bucket's longest
+        bucket_mask = mask[idx, :width]  # (n, width)
+        states = encoder(input_ids=ids[idx, :width], attention_mask=bucket_mask).last_hidden_state  # (n, width, d)
+        keep = bucket_mask.bool()
+        real.append(states[keep])  # (r, d)
+        passage.append(idx[:, None].expand(-1, width)[keep])
+        token.append(positions[:width].expand(len(idx), -1)[keep])
+    return EncodedPassages(
+        attention_mask, real=torch.cat(real), passage=torch.cat(passage), token=torch.cat(token), packed=packed
+    )

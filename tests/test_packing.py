@@ -1,0 +1,192 @@
+"""Packing (src/packing.py) is exact: the length-bucketed encoder and the cross-attention
+over real tokens only give the original padded path's states, losses, gradients,
+answers and every kind of passage score, up to float rounding."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from src import packing
+from src.reader_model import FiDT5
+from src.scores import SCORE_KINDS, generate_with_scores
+from src.tiny import tiny_t5_config
+
+VOCAB = 40
+EOS = 1
+TOL = dict(atol=1e-5, rtol=1e-5)
+
+
+def tiny_fid(seed: int = 0, **config_kw) -> FiDT5:
+    torch.manual_seed(seed)
+    return FiDT5(tiny_t5_config(VOCAB, **config_kw)).eval()
+
+
+def ragged(B: int = 3, N: int = 5, L: int = 13, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, N, L) passages of very different lengths, right padded: one at the full length L,
+    one of a single token, and missing passages (no token) in the middle and at the end."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(2, L + 1, (B, N), generator=g)
+    lengths[0, 0], lengths[0, 1] = L, 1
+    lengths[1, 2] = 0  # a missing passage between real ones
+    lengths[2, 3:] = 0  # fewer ctxs than N
+    mask = (torch.arange(L)[None, None, :] < lengths[..., None]).long()
+    ids = torch.randint(3, VOCAB, (B, N, L), generator=g) * mask
+    return ids, mask
+
+
+LABELS = torch.tensor([[5, 6, 7, EOS], [8, 9, EOS, -100], [10, EOS, -100, -100]])
+
+
+def both_paths(model: FiDT5, fn):
+    """fn() on the original padded path and on the packed one."""
+    out = {}
+    for packed in (False, True):
+        model.packing = packed
+        out[packed] = fn()
+    model.packing = True
+    return out[False], out[True]
+
+
+def test_packed_layout_drops_the_padding():
+    model = tiny_fid()
+    ids, mask = ragged()
+    encoded = model.encode(ids, mask)
+    assert encoded.padded is None and encoded.real.shape[0] == int(mask.sum())  # real tokens only
+    enc, layout = encoded.fused()
+    totals = mask.sum((1, 2))
+    assert enc.last_hidden_state.shape[1] == -(-int(totals.max()) // 8) * 8 < mask.shape[1] * mask.shape[2]
+    assert torch.equal(layout.mask.sum(1), totals)
+    for b in range(3):  # passages in order, each one's tokens contiguous
+        expected = torch.cat([torch.full((int(n),), j) for j, n in enumerate(mask[b].sum(-1))])
+        assert torch.equal(layout.passage[b, : int(totals[b])], expected)
+        assert (layout.passage[b, int(totals[b]) :] == 5).all()  # padding: N
+    model.packing = False
+    _, original = model.encode_passages(ids, mask)
+    assert torch.equal(original.mask, mask.reshape(3, -1))
+
+
+def test_encoder_states_equal_the_padded_path():
+    model = tiny_fid()
+    ids, mask = ragged()
+    padded, packed = both_paths(model, lambda: model.encode(ids, mask).alone())
+    (p_states, p_mask), (q_states, q_mask) = padded, packed
+    for row in range(p_states.shape[0]):
+        n = int(p_mask[row].sum())
+        assert int(q_mask[row].sum()) == n
+        torch.testing.assert_close(q_states[row, :n], p_states[row, :n], atol=1e-6, rtol=1e-5)
+
+
+def test_buckets_group_by_length_and_skip_missing_passages():
+    lengths = torch.tensor([5, 0, 9, 9, 1, 3, 0, 7, 2, 4, 6, 8, 10])
+    buckets = packing.bucket_passages(lengths)
+    assert len(buckets) == min(packing.MAX_BUCKETS, 11)
+    flat = torch.cat(buckets)
+    assert sorted(flat.tolist()) == [i for i, n in enumerate(lengths.tolist()) if n > 0]
+    assert lengths[flat].tolist() == sorted(lengths[flat].tolist(), reverse=True)  # longest first
+
+
+@pytest.mark.parametrize("use_checkpoint", [False, True])
+def test_loss_logits_and_gradients_equal_the_padded_path(use_checkpoint):
+    model = tiny_fid(seed=2).train()  # dropout 0 in the tiny config: the two paths draw masks differently
+    model.set_checkpoint(use_checkpoint)
+    ids, mask = ragged(seed=3)
+
+    def step():
+        model.zero_grad()
+        out = model(input_ids=ids, attention_mask=mask, labels=LABELS)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        return out.loss.detach(), out.logits.detach(), grads
+
+    (loss0, logits0, grads0), (loss1, logits1, grads1) = both_paths(model, step)
+    torch.testing.assert_close(loss1, loss0, **TOL)
+    torch.testing.assert_close(logits1, logits0, **TOL)
+    assert grads0.keys() == grads1.keys() and len(grads0) == len(list(model.parameters()))
+    for name in grads0:
+        torch.testing.assert_close(grads1[name], grads0[name], atol=1e-6, rtol=1e-4, msg=name)
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_answers_equal_the_padded_path(num_beams):
+    model = tiny_fid(seed=4)
+    ids, mask = ragged(seed=5)
+    old, new = both_paths(model, lambda: model.generate(ids, mask, max_length=8, num_beams=num_beams))
+    assert torch.equal(new, old)
+
+
+@pytest.mark.parametrize("kind", sorted(SCORE_KINDS))
+def test_every_score_kind_equals_the_padded_path(kind):
+    model = tiny_fid(seed=6)
+    ids, mask = ragged(seed=7)
+    labels = LABELS if SCORE_KINDS[kind].needs_target else None
+    kwargs = {"max_length": 6, "labels": labels}
+    if kind == "loop":
+        kwargs["loo_chunk"] = 2  # chunks of left-out passages that straddle missing ones
+    (gen0, scores0), (gen1, scores1) = both_paths(
+        model, lambda: generate_with_scores(model, ids, mask, score_kind=kind, **kwargs)
+    )
+    assert torch.equal(gen1, gen0)
+    assert scores1.shape == (3, 5)
+    torch.testing.assert_close(scores1, scores0, atol=1e-5, rtol=0)
+    assert (scores1[mask.sum(-1) == 0] == 0).all()  # missing passages score 0
+
+
+def test_bf16_autocast_runs_and_stays_close():
+    model = tiny_fid(seed=8)
+    ids, mask = ragged(seed=9)
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return generate_with_scores(model, ids, mask, max_length=6)
+
+    (gen0, scores0), (gen1, scores1) = both_paths(model, run)
+    torch.testing.assert_close(scores1, scores0, atol=0.1, rtol=0.05)  # bf16 rounding differs by path
+
+
+def test_masks_the_packed_path_cannot_take_fall_back_to_the_padded_path():
+    model = tiny_fid(seed=10)
+    ids, mask = ragged(seed=11)
+    left = mask.flip(-1)  # left padding: real tokens not first
+    assert not packing.packable(left)
+    assert model.encode(ids.flip(-1), left).padded is not None
+    empty = mask.clone()
+    empty[1] = 0  # a question without any passage token
+    assert not packing.packable(empty)
+    assert model.encode(ids * empty, empty).padded is not None
+    assert packing.packable(mask) and model.encode(ids, mask).padded is None
+
+
+def test_layout_means_and_leave_one_out_masks():
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0], [1, 1, 0, 0, 0, 0]])
+    passage = torch.tensor([[0, 0, 1, 2, 2, 3], [1, 1, 3, 3, 3, 3]])  # N = 3; passage 0 of question 1 missing
+    layout = packing.PassageLayout(mask, passage, 3)
+    scores = torch.tensor([[1.0, 3.0, 5.0, 2.0, 4.0, 99.0], [6.0, 8.0, 99.0, 99.0, 99.0, 99.0]])
+    torch.testing.assert_close(layout.passage_means(scores), torch.tensor([[2.0, 5.0, 3.0], [0.0, 7.0, 0.0]]))
+    hidden = layout.without(torch.tensor([0, 2]))  # (B·2, S)
+    assert hidden.tolist() == [[0, 0, 1, 1, 1, 0], [1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 0]]
+
+
+def test_legacy_bias_models_keep_the_padded_layout_and_the_parity(parity_dir):
+    """Original checkpoints: the encoder is bucketed, the decoder keeps the N·L positions
+    its bias sees; answers and scores match the original code either way."""
+    expected = json.loads((parity_dir / "expected.json").read_text())
+    examples = json.loads((parity_dir / "inputs.json").read_text())["examples"]
+    ids = torch.tensor([e["input_ids"] for e in examples])
+    mask = torch.tensor([e["attention_mask"] for e in examples])
+    model = FiDT5.load(parity_dir / "fid_checkpoint").eval()
+    assert model.has_legacy_xattn_bias
+    encoded = model.encode(ids, mask)
+    assert encoded.padded is None and not encoded.packed
+    enc, layout = encoded.fused()
+    assert enc.last_hidden_state.shape[1] == ids.shape[1] * ids.shape[2]
+    (gen0, scores0), (gen1, scores1) = both_paths(model, lambda: generate_with_scores(model, ids, mask, max_length=20))
+    assert torch.equal(gen1, gen0)
+    padded = torch.zeros(len(gen1), 20, dtype=torch.long)
+    padded[:, : gen1.shape[1]] = gen1
+    assert padded.tolist() == expected["plain_path"]["generated_ids"]
+    original = torch.tensor(expected["score_path"]["passage_scores"])
+    torch.testing.assert_close(scores1, original, atol=5e-5, rtol=0)
+    torch.testing.assert_close(scores1, scores0, atol=1e-5, rtol=0)
