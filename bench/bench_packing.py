@@ -249,7 +249,7 @@ def bench_e2e(args) -> None:
         base = [
             sys.executable, str(ROOT / "test_reader.py"), "--model_path", str(model_dir), "--eval_data", str(data),
             "--n_context", str(args.e2e_passages), "--text_maxlength", "250", "--per_gpu_batch_size", "1",
-            "--generation_max_length", str(args.gen_max_length), "--write_crossattention_scores",
+            "--generation_max_length", str(args.gen_max_length), "--write_crossattention_scores", "--write_results",
             "--checkpoint_dir", str(root / "runs"), "--device", args.device,
             "--precision", args.precision.split(",")[0],
         ]  # fmt: skip

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -96,7 +97,8 @@ def generate_answers(
         num_workers=opt.num_workers,
     )
     results = []
-    bar = tqdm(loader, desc=desc, disable=not dist.is_main(), dynamic_ncols=True)
+    bar = tqdm(loader, desc=desc, disable=not dist.is_main(), dynamic_ncols=True, unit="batch")
+    t0, n_passages = time.perf_counter(), 0
     for i, batch in enumerate(bar):
         index, context_ids, context_mask = batch.index, batch.context_ids.to(device), batch.context_mask.to(device)
         kwargs = {"max_length": opt.generation_max_length, "num_beams": getattr(opt, "num_beams", 1)}
@@ -116,11 +118,29 @@ def generate_answers(
                 n_real = int(context_mask[b].any(-1).sum())  # passages that exist (not padding)
                 result["scores"] = scores[b, :n_real].float().tolist()
             results.append(result)
+        n_passages += count_passages(batch)
+        rate = _throughput(len(results), n_passages, time.perf_counter() - t0)
+        bar.set_postfix_str(rate, refresh=False)
         if opt.eval_print_freq > 0 and (i + 1) % opt.eval_print_freq == 0:
-            logger.info("%s: %d/%d batches", desc, i + 1, len(loader))
+            logger.info("%s: %d/%d batches, %s", desc, i + 1, len(loader), rate)
+    if dist.is_main() and results:
+        elapsed = time.perf_counter() - t0
+        logger.info(
+            "%s: %d questions, %d passages in %.1fs (%s, this process)",
+            desc,
+            len(results),
+            n_passages,
+            elapsed,
+            _throughput(len(results), n_passages, elapsed),
+        )
     merged = [r for part in dist.gather_objects(results) for r in part]
     merged.sort(key=lambda r: r["index"])
     return merged
+
+
+def _throughput(questions: int, passages: int, seconds: float) -> str:
+    seconds = max(seconds, 1e-9)
+    return f"{questions / seconds:.3g} questions/s, {passages / seconds:.3g} passages/s"
 
 
 def exact_match(results: list[dict[str, Any]], examples: list[dict[str, Any]]) -> tuple[float | None, int]:
@@ -140,4 +160,17 @@ def reader_task(opt, tokenizer, train_dataset: ReaderDataset, eval_dataset: Read
         em, _ = exact_match(results, eval_dataset.examples)
         return {} if em is None else {"exact_match": em}
 
-    return Task(train_dataset, collator, reader_loss, dev_metrics, metric="exact_match", higher_is_better=True)
+    return Task(
+        train_dataset,
+        collator,
+        reader_loss,
+        dev_metrics,
+        metric="exact_match",
+        higher_is_better=True,
+        count_passages=count_passages,
+    )
+
+
+def count_passages(batch) -> int:
+    """Passages that exist in a collated batch (missing ctxs are all padding)."""
+    return int(batch.context_mask.any(-1).sum())

@@ -63,6 +63,7 @@ class Task:
     evaluate: Callable[[torch.nn.Module], dict[str, float]] | None  # dev metrics; None: no dev set
     metric: str  # the dev metric that picks best_dev
     higher_is_better: bool
+    count_passages: Callable[[Any], int] | None = None  # passages read in a collated batch (throughput logs)
 
 
 def _interrupted(opt) -> bool:
@@ -111,6 +112,7 @@ class Trainer:
             self.scaler.load_state_dict(state["scaler"])
         self.accumulation = max(1, opt.accumulation_steps)
         self.running_loss, self.running_count = 0.0, 0
+        self.running_passages = 0  # since the last evaluation, this process
         self.need_latest = self.pending_step_save = False
         self.tb = None
 
@@ -185,7 +187,11 @@ class Trainer:
         self.running_loss += loss.item()
         self.running_count += 1
         self.bar.update(1)
-        self.bar.set_postfix(loss=f"{loss.item():.4f}", lr=f"{self.scheduler.get_last_lr()[0]:.2e}")
+        postfix = {"loss": f"{loss.item():.4f}", "lr": f"{self.scheduler.get_last_lr()[0]:.2e}"}
+        if self.task.count_passages is not None:
+            self.running_passages += self.task.count_passages(batch)
+            postfix["passages/s"] = f"{self.running_passages / max(time.time() - self.t0, 1e-9):.3g}"
+        self.bar.set_postfix(postfix)
         if self.step % opt.eval_freq == 0 or self.step == opt.total_steps:
             self._evaluate()
         if self.step % opt.save_freq == 0:
@@ -235,7 +241,11 @@ class Trainer:
         examples_per_s = steps_done * opt.per_gpu_batch_size * opt.world_size / max(elapsed, 1e-9)
         message = f"step {step}/{opt.total_steps} | train loss {train_loss:.4f} | lr {lr:.2e}"
         message += "".join(f" | dev {k} {v:.4f}" for k, v in metrics.items())
-        message += f" | {elapsed:.1f}s ({examples_per_s:.1f} examples/s)"
+        message += f" | {elapsed:.1f}s ({examples_per_s:.1f} examples/s"
+        if self.task.count_passages is not None:  # this process's passages, times the processes
+            message += f", {self.running_passages * opt.world_size / max(elapsed, 1e-9):.3g} passages/s"
+        message += ")"
+        self.running_passages = 0
         if self.task.metric in metrics and _is_better(metrics[self.task.metric], self.best, self.task.higher_is_better):
             self.best = metrics[self.task.metric]
             self._save("best_dev")

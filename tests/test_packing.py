@@ -5,14 +5,18 @@ answers and every kind of passage score, up to float rounding."""
 from __future__ import annotations
 
 import json
+import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from src import packing
+from src.datasets import ReaderCollator, ReaderDataset
+from src.reader import count_passages, generate_answers, load_reader
 from src.reader_model import FiDT5
 from src.scores import SCORE_KINDS, generate_with_scores
-from src.tiny import tiny_t5_config
+from src.tiny import save_tiny_t5, tiny_t5_config
 
 VOCAB = 40
 EOS = 1
@@ -190,3 +194,33 @@ def test_legacy_bias_models_keep_the_padded_layout_and_the_parity(parity_dir):
     original = torch.tensor(expected["score_path"]["passage_scores"])
     torch.testing.assert_close(scores1, original, atol=5e-5, rtol=0)
     torch.testing.assert_close(scores1, scores0, atol=1e-5, rtol=0)
+
+
+def test_no_packing_flag_and_throughput_in_the_logs(tmp_path, caplog):
+    """--no_packing reaches the model; evaluation logs questions/s and the passages it read."""
+    model_dir = save_tiny_t5(tmp_path / "t5", ["what color red blue anna likes question: title: context:"])
+    opt = SimpleNamespace(
+        no_packing=True, tokenizer_name_or_path=None, per_gpu_batch_size=2, num_workers=0, generation_max_length=4,
+        num_beams=1, eval_print_freq=0, precision="fp32", device="cpu",
+    )  # fmt: skip
+    model, tokenizer = load_reader(str(model_dir), opt)
+    assert model.packing is False
+    opt.no_packing = False
+    model, tokenizer = load_reader(str(model_dir), opt)
+    assert model.packing is True
+    examples = [
+        {
+            "id": i,
+            "question": "what color",
+            "answers": ["red"],
+            "ctxs": [{"title": "anna", "text": "anna likes red"}] * k,
+        }
+        for i, k in enumerate([3, 1, 2])
+    ]
+    dataset = ReaderDataset(examples, 3)
+    collator = ReaderCollator(tokenizer, 16, 3)
+    assert count_passages(collator([dataset[0], dataset[1]])) == 4
+    with caplog.at_level(logging.INFO, logger="fid"):
+        results = generate_answers(model, tokenizer, dataset, collator, opt, desc="test")
+    assert [r["index"] for r in results] == [0, 1, 2]
+    assert "test: 3 questions, 6 passages in" in caplog.text and "questions/s" in caplog.text
