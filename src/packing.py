@@ -26,7 +26,8 @@ import torch
 from transformers.modeling_outputs import BaseModelOutput
 
 MAX_BUCKETS = 8  # more buckets waste less padding but make smaller encoder calls
-ALIGN = 8  # bucket widths and key lengths rounded up to a multiple of 8 (tensor-core friendly)
+BUCKET_SLACK = 1 / 8  # a bucket takes passages down to 7/8 of its longest: ≤ 12.5% padding each
+ALIGN = 8  # bucket widths rounded up to a multiple of 8 (tensor-core friendly)
 
 
 def _round_up(n: int, multiple: int = ALIGN) -> int:
@@ -102,6 +103,8 @@ class EncodedPassages:
     def _place(self, rows: int, width: int, base: torch.Tensor) -> torch.Tensor:
         """(rows, width, d) states with the real token (p, t) at row-major position base[p] + t, zeros elsewhere."""
         dest = base[self.passage] + self.token  # (R,)
+        if len(dest) == rows * width and torch.equal(dest, torch.arange(len(dest), device=dest.device)):
+            return self.real.view(rows, width, -1)  # already in place (no padding anywhere): no copy
         out = self.real.new_zeros(rows * width, self.real.shape[-1]).index_copy_(0, dest, self.real)
         return out.view(rows, width, -1)
 
@@ -116,7 +119,7 @@ class EncodedPassages:
             states = self._place(B * N, L, torch.arange(B * N, device=device) * L).reshape(B, N * L, -1)
             return BaseModelOutput(last_hidden_state=states), padded_layout(self.attention_mask)
         totals = self.lengths.sum(1)  # (B,) real tokens per question
-        S = _round_up(int(totals.max()))
+        S = int(totals.max())
         offsets = self.lengths.cumsum(1) - self.lengths  # (B, N): where each passage starts
         base = (torch.arange(B, device=device)[:, None] * S + offsets).reshape(-1)  # (B·N,)
         states = self._place(B, S, base)
@@ -153,11 +156,24 @@ def encode_padded(encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor
 
 
 def bucket_passages(lengths: torch.Tensor) -> list[torch.Tensor]:
-    """Flat passage indices grouped into at most MAX_BUCKETS buckets of similar length,
-    longest first; passages without tokens (missing ctxs) are in none."""
+    """Flat passage indices grouped into buckets of similar length, longest first: a bucket
+    takes passages down to (1 − BUCKET_SLACK) × its longest, at most MAX_BUCKETS buckets
+    (the last takes the rest). Passages of one length make one bucket, so there is no
+    extra encoder call when nothing is padded. Passages without tokens are in none."""
     order = torch.argsort(lengths, descending=True, stable=True)
-    order = order[lengths[order] > 0]
-    return [chunk for chunk in torch.tensor_split(order, min(MAX_BUCKETS, len(order))) if len(chunk)]
+    sorted_lengths = lengths[order].tolist()
+    n_real = sum(1 for n in sorted_lengths if n > 0)
+    buckets, start = [], 0
+    while start < n_real:
+        floor = sorted_lengths[start] * (1 - BUCKET_SLACK)
+        end = start + 1
+        if len(buckets) == MAX_BUCKETS - 1:
+            end = n_real
+        while end < n_real and sorted_lengths[end] >= floor:
+            end += 1
+        buckets.append(order[start:end])
+        start = end
+    return buckets
 
 
 def encode_in_buckets(
@@ -178,7 +194,7 @@ def encode_in_buckets(
         bucket_mask = mask[idx, :width]  # (n, width)
         states = encoder(input_ids=ids[idx, :width], attention_mask=bucket_mask).last_hidden_state  # (n, width, d)
         keep = bucket_mask.bool()
-        real.append(states[keep])  # (r, d)
+        real.append(states.flatten(0, 1) if bool(keep.all()) else states[keep])  # (r, d)
         passage.append(idx[:, None].expand(-1, width)[keep])
         token.append(positions[:width].expand(len(idx), -1)[keep])
     return EncodedPassages(

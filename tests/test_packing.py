@@ -61,7 +61,7 @@ def test_packed_layout_drops_the_padding():
     assert encoded.padded is None and encoded.real.shape[0] == int(mask.sum())  # real tokens only
     enc, layout = encoded.fused()
     totals = mask.sum((1, 2))
-    assert enc.last_hidden_state.shape[1] == -(-int(totals.max()) // 8) * 8 < mask.shape[1] * mask.shape[2]
+    assert enc.last_hidden_state.shape[1] == int(totals.max()) < mask.shape[1] * mask.shape[2]
     assert torch.equal(layout.mask.sum(1), totals)
     for b in range(3):  # passages in order, each one's tokens contiguous
         expected = torch.cat([torch.full((int(n),), j) for j, n in enumerate(mask[b].sum(-1))])
@@ -84,12 +84,27 @@ def test_encoder_states_equal_the_padded_path():
 
 
 def test_buckets_group_by_length_and_skip_missing_passages():
-    lengths = torch.tensor([5, 0, 9, 9, 1, 3, 0, 7, 2, 4, 6, 8, 10])
+    lengths = torch.tensor([5, 0, 9, 9, 1, 3, 0, 7, 2, 4, 6, 8, 10, 40, 39, 36, 35])
     buckets = packing.bucket_passages(lengths)
-    assert len(buckets) == min(packing.MAX_BUCKETS, 11)
+    assert len(buckets) == packing.MAX_BUCKETS
     flat = torch.cat(buckets)
     assert sorted(flat.tolist()) == [i for i, n in enumerate(lengths.tolist()) if n > 0]
     assert lengths[flat].tolist() == sorted(lengths[flat].tolist(), reverse=True)  # longest first
+    assert lengths[buckets[0]].tolist() == [40, 39, 36, 35]  # down to 7/8 of the longest
+    for bucket in buckets[:-1]:
+        assert lengths[bucket].min() >= (1 - packing.BUCKET_SLACK) * lengths[bucket].max()
+    assert len(packing.bucket_passages(torch.full((30,), 250))) == 1  # nothing padded: one encoder call
+    assert packing.bucket_passages(torch.zeros(4, dtype=torch.long)) == []
+
+
+def test_full_length_passages_are_not_copied():
+    model = tiny_fid()
+    ids = torch.randint(3, VOCAB, (2, 3, 8))
+    mask = torch.ones_like(ids)
+    encoded = model.encode(ids, mask)
+    enc, layout = encoded.fused()
+    assert enc.last_hidden_state.data_ptr() == encoded.real.data_ptr()  # a view of the encoder output
+    assert layout.mask.all()
 
 
 @pytest.mark.parametrize("use_checkpoint", [False, True])
