@@ -102,11 +102,12 @@ def make_batch(args, profile: str, N: int):
 
 
 def timed(args, runs: dict, repeats: int) -> dict[str, list[float]]:
-    """Each callable once to warm up, then `repeats` rounds, interleaved."""
+    """Each callable once to warm up, then `repeats` rounds, interleaved (order reversed
+    every other round, so that neither path always runs first)."""
     clock = time.perf_counter if args.device.startswith("cuda") else time.process_time
     times = {name: [] for name in runs}
     for r in range(repeats + 1):
-        for name, fn in runs.items():
+        for name, fn in list(runs.items())[:: 1 if r % 2 else -1]:
             sync(args.device)
             t = clock()
             fn()
@@ -258,7 +259,7 @@ def bench_e2e(args) -> None:
         times = {"padded": [], "packed": []}
         outputs = {}
         for r in range(args.repeats):
-            for name, extra in (("padded", ["--no_packing"]), ("packed", [])):
+            for name, extra in (("padded", ["--no_packing"]), ("packed", []))[:: 1 if r % 2 else -1]:
                 before = resource.getrusage(resource.RUSAGE_CHILDREN)
                 t = time.perf_counter()
                 subprocess.run([*base, "--name", f"{name}{r}", *extra], check=True, capture_output=True, env=env)
