@@ -155,23 +155,28 @@ class CrossAttentionCapture:
     def _on_key(self, i: int, module, inputs, output) -> None:
         if i in self.done or i not in self.queries:
             return
-        query, key = self.queries.pop(i), self._split_heads(output)  # (Bk, H, T, dk), (Bk, H, S, dk)
-        logits = query @ key.transpose(-1, -2)  # (Bk, H, T, S); T5: no 1/√dk
-        if self.model.has_legacy_xattn_bias:
-            table = self.layers[0].relative_attention_bias
-            logits = logits + legacy_xattn_bias(table, logits.shape[2], logits.shape[3]).float()
-        if self.needs_values:
-            self.logits[i] = logits
-        else:
-            self._add(self.reduce(logits, self.mask, None))
-            self.done.add(i)
+        # float32 scores whatever the autocast around generation: under bf16 autocast
+        # the matmul below would run (slowly, on CPU) and round in bf16.
+        with torch.autocast(output.device.type, enabled=False):
+            query = self.queries.pop(i)  # (Bk, H, T, dk)
+            key = output.float().view(*output.shape[:2], self.model.config.num_heads, -1)  # (Bk, S, H, dk)
+            logits = torch.einsum("bhtd,bshd->bhts", query, key)  # (Bk, H, T, S); T5: no 1/√dk
+            if self.model.has_legacy_xattn_bias:
+                table = self.layers[0].relative_attention_bias
+                logits = logits + legacy_xattn_bias(table, logits.shape[2], logits.shape[3]).float()
+            if self.needs_values:
+                self.logits[i] = logits
+            else:
+                self._add(self.reduce(logits, self.mask, None))
+                self.done.add(i)
 
     def _on_value(self, i: int, module, inputs, output) -> None:
         if i in self.done or i not in self.logits:
             return
-        value_norms = self._split_heads(output).norm(dim=-1)  # (Bk, H, S)
-        self._add(self.reduce(self.logits.pop(i), self.mask, value_norms))
-        self.done.add(i)
+        with torch.autocast(output.device.type, enabled=False):
+            value_norms = output.float().view(*output.shape[:2], self.model.config.num_heads, -1).norm(dim=-1)
+            self._add(self.reduce(self.logits.pop(i), self.mask, value_norms.transpose(1, 2)))  # (Bk, H, S)
+            self.done.add(i)
 
     def _add(self, per_head: torch.Tensor) -> None:
         """(Bk, H, T, S) → mean over heads and (weighted) steps, summed over layers."""
