@@ -13,12 +13,16 @@ see, keep their old score as 'retriever_score'.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
+from typing import Any
+
 from src import dist
 from src.cli import cli, start_run, warn_ignored
 from src.datasets import ReaderCollator, ReaderDataset
 from src.files import atomic_write
 from src.options import Options
-from src.questions import load_questions, require_targets, write_questions
+from src.question_index import QuestionFile
+from src.questions import require_targets, write_questions
 from src.reader import exact_match, generate_answers, load_reader
 from src.scores import SCORE_KINDS, attach_scores
 
@@ -27,6 +31,15 @@ from src.scores import SCORE_KINDS, attach_scores
 IGNORED = ("train_data", "use_checkpoint", "answer_maxlength", "eval_freq", "save_freq", "seed")
 # Used only with --write_crossattention_scores.
 SCORES_ONLY = {"score_kind": "it only matters with --write_crossattention_scores"}
+
+
+def with_scores(examples: Sequence[dict], results: list[dict[str, Any]], n_context: int) -> Iterator[dict]:
+    """Each example with the reader's scores attached, read one at a time (streamed to the file)."""
+    scores = {r["index"]: r["scores"] for r in results}
+    for i, ex in enumerate(examples):
+        if i in scores:
+            attach_scores(ex, scores[i], n_context)
+        yield ex
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -44,8 +57,9 @@ def main(argv: list[str] | None = None) -> None:
     opt = options.parse(argv)
     if opt.model_path == "none":
         options.parser.error("--model_path is required (a reader checkpoint directory)")
-    # The data is checked before the run directory is touched and before a large model loads.
-    examples = load_questions(opt.eval_data, opt.maxload, rank=True)
+    # The data is checked before the run directory is touched and before a large model loads;
+    # read on demand: each process holds only the offsets of the examples.
+    examples = QuestionFile(opt.eval_data, opt.maxload, rank=True)
     if opt.write_crossattention_scores and SCORE_KINDS[opt.score_kind].needs_target:
         require_targets(examples, opt.eval_data, why=f"--score_kind {opt.score_kind} scores the gold answer")
     run_dir, logger = start_run(opt, ignored=IGNORED)
@@ -74,9 +88,7 @@ def main(argv: list[str] | None = None) -> None:
                     f.write(f"{examples[r['index']]['id']}\t{r['answer']}\n")
             logger.info("answers written to %s", run_dir / "final_output.txt")
         if opt.write_crossattention_scores:
-            for r in results:
-                attach_scores(examples[r["index"]], r["scores"], opt.n_context)
-            write_questions(run_dir / "dataset_wscores.json", examples)
+            write_questions(run_dir / "dataset_wscores.json", with_scores(examples, results, opt.n_context))
             logger.info("cross-attention scores written to %s", run_dir / "dataset_wscores.json")
     dist.barrier()
     dist.destroy()

@@ -15,7 +15,8 @@ from src.datasets import ReaderDataset
 from src.modeling import count_params, set_dropout
 from src.optim import unused_flags
 from src.options import Options
-from src.questions import load_questions, require_targets
+from src.question_index import QuestionFile
+from src.questions import require_targets
 from src.reader import load_reader, reader_task
 from src.trainer import train
 
@@ -33,11 +34,12 @@ def main(argv: list[str] | None = None) -> None:
     run_dir, logger = start_run(opt, lock=True, ignored=IGNORED)
     warn_ignored(opt, unused_flags(opt), logger)
 
-    # Data first: a bad file should fail before a large model loads.
-    train_examples = load_questions(opt.train_data, opt.maxload, rank=True)
+    # Data first: a bad file should fail before a large model loads. Read on demand: each
+    # process holds only the offsets of the examples (README "Question format").
+    train_examples = QuestionFile(opt.train_data, opt.maxload, rank=True)
     require_targets(train_examples, opt.train_data)
     train_dataset = ReaderDataset(train_examples, opt.n_context, opt.no_title, seed=opt.seed, source=opt.train_data)
-    eval_examples = load_questions(opt.eval_data, opt.maxload, rank=True) if opt.eval_data != "none" else []
+    eval_examples = QuestionFile(opt.eval_data, opt.maxload, rank=True) if opt.eval_data != "none" else []
     eval_dataset = ReaderDataset(eval_examples, opt.n_context, opt.no_title, source=opt.eval_data)
     logger.info("%d training examples, %d dev examples", len(train_dataset), len(eval_dataset))
 

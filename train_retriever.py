@@ -22,7 +22,7 @@ from src.datasets import RetrieverDataset
 from src.modeling import count_params, set_dropout
 from src.optim import unused_flags
 from src.options import Options
-from src.questions import load_questions
+from src.question_index import QuestionFile
 from src.retriever import load_retriever, retriever_task
 from src.trainer import train
 
@@ -40,10 +40,11 @@ def main(argv: list[str] | None = None) -> None:
     run_dir, logger = start_run(opt, lock=True, ignored=IGNORED)
     warn_ignored(opt, unused_flags(opt), logger)
 
-    # Data first: a bad file should fail before a large model loads.
-    train_examples = load_questions(opt.train_data, opt.maxload, rank=True)
+    # Data first: a bad file should fail before a large model loads. Read on demand: each
+    # process holds only the offsets of the examples (README "Question format").
+    train_examples = QuestionFile(opt.train_data, opt.maxload, rank=True)
     train_dataset = RetrieverDataset(train_examples, opt.n_context, opt.no_title, source=opt.train_data)
-    eval_examples = load_questions(opt.eval_data, opt.maxload, rank=True) if opt.eval_data != "none" else []
+    eval_examples = QuestionFile(opt.eval_data, opt.maxload, rank=True) if opt.eval_data != "none" else []
     eval_dataset = RetrieverDataset(eval_examples, opt.n_context, opt.no_title, source=opt.eval_data)
     logger.info("%d training questions, %d dev questions", len(train_dataset), len(eval_dataset))
 

@@ -9,12 +9,14 @@ from __future__ import annotations
 import logging
 import math
 import random
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 
 from .errors import DataError
-from .questions import read_ctxs
+from .questions import facts, read_ctxs
 
 logger = logging.getLogger("fid")
 
@@ -37,14 +39,15 @@ def format_passage(title: str, text: str, no_title: bool = False) -> str:
 class ReaderDataset(torch.utils.data.Dataset):
     """Question + its first `n_context` passages, as strings.
 
-    The training target is `target` if given, else a random answer; the choice is a
+    `examples`: a list, or a question_index.QuestionFile (each item read from disk when
+    asked). The training target is `target` if given, else a random answer; the choice is a
     function of (seed, epoch, index) so a resumed run sees the same targets. With
     `first_answer` (scoring the gold answer, scores.py) it is the first answer instead.
     """
 
     def __init__(
         self,
-        examples: list[dict],
+        examples: Sequence[dict],
         n_context: int,
         no_title: bool = False,
         seed: int = 0,
@@ -56,7 +59,7 @@ class ReaderDataset(torch.utils.data.Dataset):
         self.n_context = n_context
         self.no_title = no_title
         self.seed, self.epoch = seed, 0
-        short = sum(len(ex.get("ctxs") or []) < n_context for ex in examples)
+        short = int((facts(examples).n_ctxs < n_context).sum())
         if short:
             logger.warning(
                 "%s: %d of %d examples have fewer than %d ctxs; the missing passages are fully masked",
@@ -72,8 +75,7 @@ class ReaderDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.examples)
 
-    def target(self, index: int) -> str | None:
-        ex = self.examples[index]
+    def target(self, ex: dict, index: int) -> str | None:
         if "target" in ex:
             return ex["target"]
         answers = ex.get("answers") or []
@@ -88,7 +90,7 @@ class ReaderDataset(torch.utils.data.Dataset):
         question = format_question(ex["question"])
         ctxs = read_ctxs(ex, self.n_context)
         passages = [f"{question} {format_passage(c.get('title', ''), c['text'], self.no_title)}" for c in ctxs]
-        return {"index": index, "question": question, "target": self.target(index), "passages": passages}
+        return {"index": index, "question": question, "target": self.target(ex, index), "passages": passages}
 
 
 def encode_passages(tokenizer, passages: list[list[str]], n_context: int, max_length: int):
@@ -168,20 +170,22 @@ class ReaderCollator:
 class RetrieverDataset(torch.utils.data.Dataset):
     """Question, its first `n_context` passages and their gold scores (the reader's)."""
 
-    def __init__(self, examples: list[dict], n_context: int, no_title: bool = False, source: str = "data"):
+    def __init__(self, examples: Sequence[dict], n_context: int, no_title: bool = False, source: str = "data"):
         self.examples = examples
         self.n_context = n_context
         self.no_title = no_title
-        for i, ex in enumerate(examples):
-            ctxs = ex.get("ctxs") or []
-            if not ctxs:
+        known = facts(examples)  # from the index of a QuestionFile: nothing read here
+        unscored = known.first_unscored < np.minimum(known.n_ctxs, n_context)
+        bad = np.flatnonzero((known.n_ctxs == 0) | unscored)
+        if len(bad):
+            i = int(bad[0])
+            ex = examples[i]
+            if not known.n_ctxs[i]:
                 raise DataError(f"{source}, example {i} (id {ex.get('id')}): no ctxs to train the retriever on")
-            missing = [j for j, c in enumerate(ctxs[:n_context]) if "score" not in c]
-            if missing:
-                raise DataError(
-                    f"{source}, example {i} (id {ex.get('id')}): ctx {missing[0]} has no 'score' "
-                    "(gold scores come from test_reader.py --write_crossattention_scores)"
-                )
+            raise DataError(
+                f"{source}, example {i} (id {ex.get('id')}): ctx {known.first_unscored[i]} has no 'score' "
+                "(gold scores come from test_reader.py --write_crossattention_scores)"
+            )
 
     def __len__(self) -> int:
         return len(self.examples)

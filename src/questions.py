@@ -4,7 +4,9 @@ Question file: a JSON list or JSON lines, one example per entry:
 `{id?, question, target?, answers?, ctxs: [{id?, title, text, score?, hasanswer?}]}`.
 Unknown fields are kept and written back untouched. Every script reads and writes
 question files here; errors name the file and the line or example. Reading streams
-(`iter_entries`, one entry at a time; preprocess.py reads public files with it too).
+(`iter_entries`, one entry at a time; preprocess.py reads public files with it too). The
+reader and retriever scripts read examples on demand instead of loading them
+(question_index.QuestionFile: same examples, same errors).
 
 The reader and retriever scripts order each example's ctxs once, when they load it: by
 descending score when every ctx has one (DPR and our retrieval write them), else in file
@@ -18,9 +20,11 @@ import itertools
 import json
 import math
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, NamedTuple
+
+import numpy as np
 
 from .errors import DataError
 from .files import atomic_write
@@ -289,6 +293,25 @@ def load_questions(path: str | Path, maxload: int = -1, rank: bool = False) -> l
     return examples
 
 
+def check_questions(path: str | Path, maxload: int = -1) -> int:
+    """What load_questions checks, with its errors, streamed (one entry in memory at a time):
+    every entry's JSON, then the first `maxload` examples. Returns the number of entries."""
+    path = Path(path)
+    n, invalid = 0, None
+    for k, (where, ex) in enumerate(iter_entries(path)):
+        n += 1
+        if invalid is None and not 0 <= maxload <= k:
+            try:
+                validate_example(ex, f"{path}, {where}")
+            except DataError as e:
+                invalid = e  # raised once every entry's JSON is checked, as load_questions does
+    if not n:
+        raise DataError(f"{path}: no examples (an empty JSON list)")
+    if invalid is not None:
+        raise invalid
+    return n
+
+
 def write_questions(path: str | Path, examples: Iterable[dict[str, Any]]) -> None:
     """Write a question file atomically: JSON lines if the suffix is .jsonl, else a JSON list.
 
@@ -321,8 +344,35 @@ def read_ctxs(ex: dict[str, Any], n_context: int) -> list[dict[str, Any]]:
     return (ex.get("ctxs") or [])[:n_context]
 
 
-def require_targets(examples: list[dict], path: str, why: str = "to train on") -> None:
+class Facts(NamedTuple):
+    """What the scripts check of every example before they start, one entry per example."""
+
+    n_ctxs: np.ndarray  # (n,) int32
+    first_unscored: np.ndarray  # (n,) int32: the first ctx without a 'score' (n_ctxs when all have one)
+    targeted: np.ndarray  # (n,) bool: a 'target' or a non-empty 'answers'
+
+
+def example_facts(ex: dict[str, Any]) -> tuple[int, int, bool]:
+    """(n_ctxs, first_unscored, targeted) of one valid example. The same in file and ranking
+    order: ctxs are re-ordered only when every one has a score."""
+    ctxs = ex.get("ctxs") or []
+    first_unscored = next((j for j, c in enumerate(ctxs) if "score" not in c), len(ctxs))
+    return len(ctxs), first_unscored, "target" in ex or bool(ex.get("answers"))
+
+
+def facts(examples: Sequence[dict[str, Any]]) -> Facts:
+    """The Facts of a sequence of examples: kept in the index of a file read on demand
+    (question_index.QuestionFile, its `facts`: nothing is read), else computed."""
+    known = getattr(examples, "facts", None)
+    if isinstance(known, Facts):
+        return known
+    n_ctxs, first_unscored, targeted = zip(*map(example_facts, examples)) if len(examples) else ((), (), ())
+    return Facts(np.array(n_ctxs, np.int32), np.array(first_unscored, np.int32), np.array(targeted, bool))
+
+
+def require_targets(examples: Sequence[dict[str, Any]], path: str, why: str = "to train on") -> None:
     """Training (and scoring the gold answer) needs a target or a non-empty answers list for every example."""
-    for i, ex in enumerate(examples):
-        if "target" not in ex and not ex.get("answers"):
-            raise DataError(f"{path}, example {i} (id {ex.get('id')}): no 'target' and no 'answers' {why}")
+    missing = np.flatnonzero(~facts(examples).targeted)
+    if len(missing):
+        i = int(missing[0])
+        raise DataError(f"{path}, example {i} (id {examples[i].get('id')}): no 'target' and no 'answers' {why}")
