@@ -1,32 +1,39 @@
-"""Embed one shard of the passages with a trained retriever (README "5. Retrieve").
+"""Embed the passages with a trained retriever, one shard per process (README "4. Embed the passages").
 
     python generate_passage_embeddings.py --model_path <retriever_dir> --passages psgs_w100.tsv \
         --output_path wikipedia_embeddings/wiki --shard_id 0 --num_shards 10 --per_gpu_batch_size 500
 
+    torchrun --nproc_per_node 8 generate_passage_embeddings.py --model_path <retriever_dir> \
+        --passages psgs_w100.tsv --output_path wikipedia_embeddings/wiki --embedding_dtype float16
+
 Shard `shard_id` of `num_shards` covers passages [start, end) in file order (equal
-shards, the last takes the remainder) and is written to
-`<output_path>_<shard_id:02d>.npz` (passage ids + float32 embeddings; no pickle).
-Run one process per shard, e.g. one per GPU.
+shards, the last takes the remainder) and is written to `<output_path>_<shard_id:02d>.npz`
+(passage ids + float32 or float16 embeddings; no pickle). Under torchrun each process
+takes its GPU (cuda:LOCAL_RANK; CPU without GPUs) and its shards: --num_shards defaults to
+the number of processes W and rank r embeds shards r, r+W, r+2W, ... (--shard_id is
+refused there). Without torchrun, run one process per shard, --device picking the GPU.
 """
 
 from __future__ import annotations
 
+import os
 import time
 
 from tqdm import tqdm
 
+from src import dist
 from src.cli import cli, init_logger, warn_ignored
 from src.datasets import format_passage
 from src.devices import default_device, resolve_precision
-from src.embedding import embed_texts, pools_over_padding, shard_path, shard_range, write_shard
+from src.embedding import embed_texts, pools_over_padding, shard_path, shard_range, shards_of_process, write_shard
 from src.errors import DataError, PassageFileError
 from src.options import Options
 from src.passages import PassageStore
 from src.retriever import load_retriever
 
 # Shared option groups: accepted (the original's scripts shared them), unused here: no run
-# directory (the shard goes to --output_path), no process group (one process per shard,
-# --device picks the GPU), no randomness, no training, no DataLoader.
+# directory (the shards go to --output_path), no process group flags (torchrun's variables
+# say the rank and the GPU), no randomness, no training, no DataLoader.
 IGNORED = (
     "name",
     "checkpoint_dir",
@@ -43,7 +50,9 @@ IGNORED = (
 
 
 def get_options(argv=None):
-    options = Options("Embed one shard of a passages .tsv with a trained retriever.")
+    options = Options(
+        "Embed the passages of a .tsv with a trained retriever, one shard per process (or torchrun rank)."
+    )
     options.add_embedding_options()
     options.mark_ignored(IGNORED)
     options.set_help("model_path", "the retriever: a directory saved by train_retriever.py (required)")
@@ -57,6 +66,21 @@ def get_options(argv=None):
     return options.parse(argv)
 
 
+def open_store(opt) -> PassageStore:
+    """The passages, their offset index built once: under torchrun rank 0 builds and caches it
+    while the others wait, then they reuse it."""
+    if dist.get_rank() != 0:
+        dist.barrier()
+    try:
+        store = PassageStore(opt.passages)
+    except PassageFileError as e:
+        raise DataError(str(e)) from None
+    finally:
+        if dist.get_rank() == 0:
+            dist.barrier()
+    return store
+
+
 def main(argv=None) -> None:
     opt = get_options(argv)
     logger = init_logger(None)
@@ -65,60 +89,77 @@ def main(argv=None) -> None:
         raise DataError("--passages is required (a .tsv with columns id, text, title)")
     if opt.model_path in (None, "none"):
         raise DataError("--model_path is required (a directory saved by train_retriever.py)")
-    opt.device = device = default_device(opt.device)
-    opt.precision = resolve_precision(opt.precision, device)
-
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        store = PassageStore(opt.passages)
-    except PassageFileError as e:
-        raise DataError(str(e)) from None
-    try:
-        start, end = shard_range(len(store), opt.shard_id, opt.num_shards)
+        shard_ids, num_shards = shards_of_process(
+            opt.shard_id, opt.num_shards, int(os.environ.get("RANK", "0")), world_size
+        )
     except ValueError as e:
         raise DataError(str(e)) from None
-    output = shard_path(opt.output_path, opt.shard_id)
+    if world_size > 1:
+        dist.init_distributed(opt)  # opt.device: cuda:LOCAL_RANK (CPU without GPUs or with --device cpu)
+    else:
+        opt.device = default_device(opt.device)
+    opt.precision = resolve_precision(opt.precision, opt.device)
+    try:
+        store = open_store(opt)
+        model, tokenizer = load_retriever(opt.model_path, opt, logger, trained=True)
+        model = model.eval().to(opt.device)
+        fixed_padding = opt.no_sort_by_length or pools_over_padding(model, "passage")
+        logger.info(
+            "device %s, %s, batch %d, %s, %s embeddings; shards %s of %d",
+            opt.device,
+            opt.precision,
+            opt.per_gpu_batch_size,
+            "fixed padding" if fixed_padding else "length-sorted batches with dynamic padding",
+            opt.embedding_dtype,
+            shard_ids,
+            num_shards,
+        )
+        for shard_id in shard_ids:
+            embed_shard(opt, store, model, tokenizer, shard_id, num_shards, fixed_padding, logger)
+        dist.barrier()  # every shard written before rank 0 says so
+        if world_size > 1 and dist.get_rank() == 0:
+            logger.info("all %d shards written by %d processes", num_shards, world_size)
+    finally:
+        dist.destroy()
+
+
+def embed_shard(opt, store, model, tokenizer, shard_id: int, num_shards: int, fixed_padding: bool, logger) -> None:
+    start, end = shard_range(len(store), shard_id, num_shards)
+    output = shard_path(opt.output_path, shard_id)
     logger.info(
         "shard %d/%d: passages [%d, %d) of %d in %s -> %s",
-        opt.shard_id,
-        opt.num_shards,
+        shard_id,
+        num_shards,
         start,
         end,
         len(store),
         opt.passages,
         output,
     )
-
-    model, tokenizer = load_retriever(opt.model_path, opt, logger, trained=True)
-    model = model.eval().to(device)
-    fixed_padding = opt.no_sort_by_length or pools_over_padding(model, "passage")
-    logger.info(
-        "device %s, %s, batch %d, %s",
-        device,
-        opt.precision,
-        opt.per_gpu_batch_size,
-        "fixed padding" if fixed_padding else "length-sorted batches with dynamic padding",
-    )
-
     texts = (format_passage(p["title"], p["text"], opt.no_title) for p in store.iter_range(start, end))
     t0 = time.time()
-    with tqdm(total=end - start, desc=f"shard {opt.shard_id}", unit="psg") as bar:
+    with tqdm(total=end - start, desc=f"shard {shard_id}", unit="psg") as bar:
         embeddings = embed_texts(
             model.embed_passages,
             tokenizer,
             texts,
             batch_size=opt.per_gpu_batch_size,
             max_length=opt.passage_maxlength,
-            device=device,
+            device=opt.device,
             precision=opt.precision,
             sort_by_length=not opt.no_sort_by_length,
             pad_to_max_length=fixed_padding,
             progress=bar,
+            dtype=opt.embedding_dtype,
         )
     elapsed = time.time() - t0
-    write_shard(output, store.ids(start, end), embeddings)
+    write_shard(output, store.id_array(start, end), embeddings, dtype=opt.embedding_dtype)
     logger.info(
-        "wrote %d embeddings of dim %d to %s (%.1f passages/s)",
+        "wrote %d %s embeddings of dim %d to %s (%.1f passages/s)",
         len(embeddings),
+        opt.embedding_dtype,
         embeddings.shape[1] if embeddings.size else 0,
         output,
         (end - start) / max(elapsed, 1e-9),

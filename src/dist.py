@@ -8,6 +8,7 @@ on a laptop with `torchrun --nproc_per_node 2`. This module knows nothing of mod
 from __future__ import annotations
 
 import contextlib
+import datetime
 import logging
 import os
 import signal
@@ -151,12 +152,13 @@ def any_over_ranks(flag: bool) -> bool:
     return sum_over_ranks([float(flag)])[0] > 0
 
 
-def gather_objects(obj: Any) -> list[Any]:
-    """One entry per rank, on every rank (picklable objects; gloo and NCCL alike)."""
+def gather_objects(obj: Any, group: Any = None) -> list[Any]:
+    """One entry per rank, on every rank (picklable objects; gloo and NCCL alike).
+    `group`: a process group (object_group), else the default one."""
     if not is_distributed():
         return [obj]
     out: list[Any] = [None] * get_world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=group)
     return out
 
 
@@ -185,3 +187,33 @@ def gather_with_local_grad(t: torch.Tensor) -> torch.Tensor:
     parts = [p[: int(s.item())].to(t.device) for p, s in zip(parts, sizes)]
     parts[get_rank()] = t
     return torch.cat(parts)
+
+
+def object_group(timeout: datetime.timedelta = datetime.timedelta(hours=12)) -> Any:
+    """A gloo group of every rank for collectives of CPU objects (numpy arrays, messages), or
+    None in one process; every rank must call it, in the same order. gloo whatever the
+    default backend: the objects live on the CPU (NCCL would copy them through a GPU). Its
+    own timeout: ranks wait in it for each other's long steps (indexing millions of vectors);
+    a rank that dies still ends the others at once under torchrun."""
+    if not is_distributed():
+        return None
+    return dist.new_group(backend="gloo", timeout=timeout)
+
+
+def broadcast_from_main(obj: Any, group: Any = None) -> Any:
+    """Rank 0's `obj` on every rank (what the other ranks pass is not used)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0, group=group)
+    return box[0]
+
+
+def gather_to_main(obj: Any, group: Any = None) -> list[Any] | None:
+    """Every rank's `obj` in rank order on rank 0, None on the others (one copy of each
+    object travels, to rank 0 only: not all_gather's W copies)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] | None = [None] * get_world_size() if get_rank() == 0 else None
+    dist.gather_object(obj, out, dst=0, group=group)
+    return out

@@ -120,6 +120,40 @@ def retrieval_hits(answers: list[list[str]], ctx_texts: list[list[str]], workers
         return list(pool.map(_hits_of, items, chunksize=max(1, len(items) // (8 * workers))))
 
 
+def question_hits(answers: list[str], texts: list[str]) -> list[bool]:
+    """has_answer of each of one question's passage texts, in order (a picklable unit of work)."""
+    return [has_answer(answers, text) for text in texts]
+
+
+class TopKAccuracy:
+    """`top_k_accuracy` of questions added a batch at a time (a stream of any length): keeps
+    one first-hit rank per question, counted, never the hits or the texts."""
+
+    def __init__(self) -> None:
+        self.questions = 0
+        self.longest = 0  # the longest ranking seen
+        self.found_at: list[int] = []  # found_at[r]: questions whose first hit is at rank r (0-based)
+
+    def add(self, hits_per_question: list[list[bool]]) -> None:
+        for hits in hits_per_question:
+            self.questions += 1
+            self.longest = max(self.longest, len(hits))
+            first = next((r for r, hit in enumerate(hits) if hit), None)
+            if first is not None:
+                self.found_at += [0] * (first + 1 - len(self.found_at))
+                self.found_at[first] += 1
+
+    def accuracy(self) -> list[float]:
+        """What top_k_accuracy gives for every question added so far, to the last bit."""
+        if not self.questions or self.longest == 0:
+            return [0.0] * self.longest
+        accuracy, found = [], 0
+        for r in range(self.longest):
+            found += self.found_at[r] if r < len(self.found_at) else 0
+            accuracy.append(found / self.questions)
+        return accuracy
+
+
 # ---------------------------------------------------------------------------
 # Retriever ranking metrics (dev set of train_retriever.py)
 # ---------------------------------------------------------------------------

@@ -1,13 +1,23 @@
 """FAISS inner-product index over passage embeddings, with the map from FAISS rows to passage ids.
 
-Kinds: "flat" (exact, the default), "pq" (product quantization: `n_subquantizers` codes
-of `n_bits` bits per vector, as the original's `--n-subquantizers`), "ivf" (inverted
-lists over a flat coarse quantizer) and "hnsw" (graph). The trainable kinds (pq, ivf)
-are trained on the first batch handed to `index_data`, so give it a large first batch.
+Kinds (`KINDS`, the `--index_type` choices; bytes per passage for dim d, README "5. Retrieve"):
+"flat" (exact, 4d, the default), "sqfp16" / "sq8" (scalar quantizers: 2d / d bytes),
+"pq" (product quantization: `n_subquantizers` codes of `n_bits` bits, as the original's
+`--n-subquantizers`), "ivf" (inverted lists over full vectors), "ivfpq" (inverted lists
+holding PQ codes: the compact kind for 21M passages) and "hnsw" (graph over full vectors).
 
-On disk (`serialize(dir)`): `index.faiss` (faiss.write_index), `index_ids.npy` (the
-passage id of every FAISS row, a unicode array, loaded with allow_pickle=False) and
-`index_meta.json`. No pickle anywhere.
+Training (pq, ivf, ivfpq, sq8): with `train_sample=S` the first S vectors handed to
+`index_data` are buffered, the index is trained on them, then they and the rest are
+added; a corpus smaller than S trains on all of it when the data ends (`finish`, which
+searching and saving call). Shards arrive in corpus order, so the sample is the start of
+the corpus. `train_sample=None` trains on the first batch alone (the behaviour before).
+
+Ids: kept as one int64 array when every id is a canonical integer (`passages.compact_ids`:
+DPR's psgs_w100.tsv), else as a unicode array; search results convert only the k ids
+found to strings, so callers see the TSV's ids either way.
+
+On disk (`serialize(dir)`): `index.faiss` (faiss.write_index), `index_ids.npy` (the id
+map, int64 or unicode, loaded with allow_pickle=False) and `index_meta.json`. No pickle.
 """
 
 from __future__ import annotations
@@ -15,17 +25,80 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 
 import faiss
 import numpy as np
 
 from .files import atomic_write
+from .passages import compact_ids
 
 logger = logging.getLogger("fid.index")  # a child of the scripts' "fid" logger
 
 INDEX_FILE, IDS_FILE, META_FILE = "index.faiss", "index_ids.npy", "index_meta.json"
-KINDS = ("flat", "pq", "ivf", "hnsw")
+KINDS = {
+    "flat": "exact inner product over float32 vectors (4*dim bytes per passage)",
+    "sqfp16": "each dimension as float16 (2*dim bytes), no training, near-exact",
+    "sq8": "each dimension as 8 bits in trained ranges (dim bytes)",
+    "pq": "product quantization, --n-subquantizers codes of --n-bits bits, scans every code",
+    "ivf": "--n_lists inverted lists of float32 vectors, --n_probe of them searched",
+    "ivfpq": "--n_lists inverted lists of PQ codes (--n-subquantizers x --n-bits), --n_probe searched",
+    "hnsw": "graph of float32 vectors, --hnsw_m links per node",
+}
+TRAINED = ("pq", "ivf", "ivfpq", "sq8")
+IVF_KINDS = ("ivf", "ivfpq")
+PQ_KINDS = ("pq", "ivfpq")
+DEFAULT_SUBQUANTIZERS = 64  # pq / ivfpq with --n-subquantizers 0, when it divides dim
+DEFAULTS = {"n_lists": 1024, "n_probe": 16, "hnsw_m": 32, "index_train_sample": 262144}
+ADD_BATCH = 65536  # vectors converted to float32 and added at once: bounds FAISS's scratch memory
+
+
+def index_kind(opt) -> str:
+    """--index_type, or the original's rule: pq when --n-subquantizers > 0, else flat."""
+    return getattr(opt, "index_type", None) or ("pq" if opt.n_subquantizers > 0 else "flat")
+
+
+def _opt(opt, name: str):
+    return getattr(opt, name, DEFAULTS[name])
+
+
+def index_signature(opt) -> dict:
+    """The settings a saved index must have been built with to be reused (besides its shards).
+    n_probe is a search setting (set on the loaded index), so it is not in it."""
+    kind = index_kind(opt)
+    # kind, n_subquantizers, n_bits for every kind: what earlier saves recorded, so they stay valid
+    signature = {"kind": kind, "n_subquantizers": opt.n_subquantizers, "n_bits": opt.n_bits}
+    if kind in IVF_KINDS:
+        signature["n_lists"] = _opt(opt, "n_lists")
+    if kind == "hnsw":
+        signature["hnsw_m"] = _opt(opt, "hnsw_m")
+    if kind in TRAINED:
+        signature["train_sample"] = _opt(opt, "index_train_sample")
+    return signature
+
+
+def unused_index_flags(opt) -> dict[str, str]:
+    """{flag: why} of the index flags that the chosen kind of index does not read."""
+    kind = index_kind(opt)
+    readers = {
+        "n_lists": (IVF_KINDS, "only --index_type ivf or ivfpq reads it"),
+        "n_probe": (IVF_KINDS, "only --index_type ivf or ivfpq reads it"),
+        "n_subquantizers": (PQ_KINDS, "only a pq index or an ivfpq index reads it"),
+        "n_bits": (PQ_KINDS, "only a pq index or an ivfpq index reads it"),
+        "hnsw_m": (("hnsw",), "only --index_type hnsw reads it"),
+        "index_train_sample": (TRAINED, f"only the trained kinds ({', '.join(TRAINED)}) read it"),
+    }
+    return {
+        name: f"{why} (this index: {kind})"
+        for name, (kinds, why) in readers.items()
+        if hasattr(opt, name) and kind not in kinds
+    }
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
 
 
 class Indexer:
@@ -38,14 +111,25 @@ class Indexer:
         n_lists: int = 1024,
         n_probe: int = 16,
         hnsw_m: int = 32,
+        train_sample: int | None = None,
     ):
-        """kind=None: "pq" when n_subquantizers > 0, else "flat" (the original's rule)."""
+        """kind=None: "pq" when n_subquantizers > 0, else "flat" (the original's rule).
+        train_sample: vectors the trained kinds learn from (None: the first batch)."""
         kind = kind or ("pq" if n_subquantizers > 0 else "flat")
-        if kind not in KINDS:
-            raise ValueError(f"unknown index kind {kind!r}; choose one of {KINDS}")
-        if kind == "pq" and (n_subquantizers <= 0 or dim % n_subquantizers):
-            raise ValueError(f"PQ needs n_subquantizers > 0 dividing dim={dim}, got {n_subquantizers}")
-        self.dim, self.kind = dim, kind
+        _check(kind in KINDS, f"unknown index kind {kind!r}; choose one of {tuple(KINDS)}")
+        if kind in PQ_KINDS:
+            if n_subquantizers == 0 and dim % DEFAULT_SUBQUANTIZERS == 0:
+                n_subquantizers = DEFAULT_SUBQUANTIZERS
+            _check(
+                n_subquantizers > 0 and dim % n_subquantizers == 0,
+                f"{kind} needs --n-subquantizers > 0 dividing dim={dim} (each code covers dim / n_subquantizers "
+                f"dimensions), got {n_subquantizers}",
+            )
+            _check(1 <= n_bits <= 16, f"{kind} needs --n-bits between 1 and 16, got {n_bits}")
+        _check(n_lists >= 1 and n_probe >= 1, f"--n_lists and --n_probe must be >= 1, got {n_lists}, {n_probe}")
+        _check(hnsw_m >= 2, f"--hnsw_m must be >= 2, got {hnsw_m}")
+        _check(train_sample is None or train_sample >= 1, f"the training sample must be >= 1, got {train_sample}")
+        self.dim, self.kind, self.train_sample = dim, kind, train_sample
         self.config = {
             "dim": dim,
             "kind": kind,
@@ -54,78 +138,169 @@ class Indexer:
             "n_lists": n_lists,
             "n_probe": n_probe,
             "hnsw_m": hnsw_m,
+            "train_sample": train_sample,
         }
-        ip = faiss.METRIC_INNER_PRODUCT
-        if kind == "flat":
-            self.index = faiss.IndexFlatIP(dim)
-        elif kind == "pq":
-            self.index = faiss.IndexPQ(dim, n_subquantizers, n_bits, ip)
-        elif kind == "ivf":
-            self._quantizer = faiss.IndexFlatIP(dim)  # must outlive the IVF index
-            self.index = faiss.IndexIVFFlat(self._quantizer, dim, n_lists, ip)
-            self.index.nprobe = n_probe
-        else:
-            self.index = faiss.IndexHNSWFlat(dim, hnsw_m, ip)
+        self.index = self._new_index()
+        if kind in TRAINED and train_sample is not None:
+            _check(
+                train_sample >= self._min_training(),
+                f"a training sample of {train_sample} vectors is too small for the {kind} index: it needs at least "
+                f"{self._min_training()} (one per centroid); raise --index_train_sample",
+            )
+        self.trained_on: int | None = None  # vectors the index was trained on (None: not trained here)
+        self.train_seconds = 0.0
+        self._buffer: np.ndarray | None = None  # (train_sample, dim) float32, until trained
+        self._buffered = 0
         self._id_chunks: list[np.ndarray] = []
-        self._ids: np.ndarray | None = np.array([], dtype=str)
+        self._ids: np.ndarray = np.zeros(0, dtype=np.int64)
+
+    def _new_index(self) -> faiss.Index:
+        dim, c, ip = self.dim, self.config, faiss.METRIC_INNER_PRODUCT
+        if self.kind == "flat":
+            return faiss.IndexFlatIP(dim)
+        if self.kind in ("sq8", "sqfp16"):
+            qtype = faiss.ScalarQuantizer.QT_8bit if self.kind == "sq8" else faiss.ScalarQuantizer.QT_fp16
+            return faiss.IndexScalarQuantizer(dim, qtype, ip)
+        if self.kind == "pq":
+            return faiss.IndexPQ(dim, c["n_subquantizers"], c["n_bits"], ip)
+        if self.kind == "hnsw":
+            return faiss.IndexHNSWFlat(dim, c["hnsw_m"], ip)
+        self._quantizer = faiss.IndexFlatIP(dim)  # must outlive the IVF index
+        if self.kind == "ivf":
+            index = faiss.IndexIVFFlat(self._quantizer, dim, c["n_lists"], ip)
+        else:
+            index = faiss.IndexIVFPQ(self._quantizer, dim, c["n_lists"], c["n_subquantizers"], c["n_bits"], ip)
+        index.nprobe = c["n_probe"]
+        return index
+
+    @classmethod
+    def from_options(cls, dim: int, opt) -> Indexer:
+        """The index the flags ask for (--index_type, --n-subquantizers, --n-bits, --n_lists,
+        --n_probe, --hnsw_m, --index_train_sample; those missing from `opt` take their defaults)."""
+        return cls(
+            dim,
+            opt.n_subquantizers,
+            opt.n_bits,
+            kind=index_kind(opt),
+            n_lists=_opt(opt, "n_lists"),
+            n_probe=_opt(opt, "n_probe"),
+            hnsw_m=_opt(opt, "hnsw_m"),
+            train_sample=_opt(opt, "index_train_sample"),
+        )
 
     def __len__(self) -> int:
-        return self.index.ntotal
+        """Vectors handed to index_data (those still buffered for training included)."""
+        return self.index.ntotal + self._buffered
 
     def set_n_probe(self, n_probe: int) -> None:
-        """IVF: lists searched per query (a search setting; no rebuild). Other kinds: nothing."""
+        """IVF kinds: lists searched per query (a search setting; no rebuild). Other kinds: nothing."""
         self.config["n_probe"] = n_probe
-        if self.kind == "ivf":
+        if self.kind in IVF_KINDS:
             faiss.extract_index_ivf(self.index).nprobe = n_probe
 
     @property
     def ids(self) -> np.ndarray:
-        """Passage id of every FAISS row, in row order."""
+        """Passage id of every row, in row order: int64 when all are integers, else unicode."""
         if self._id_chunks:  # concatenate lazily: streaming adds stay O(batch)
-            self._ids = np.concatenate([self._ids, *self._id_chunks])
+            chunks = [self._ids, *self._id_chunks] if len(self._ids) else self._id_chunks
+            if any(c.dtype.kind != "i" for c in chunks):  # one non-integer id: strings for all
+                chunks = [c.astype(str) for c in chunks]
+            self._ids = np.concatenate(chunks)
             self._id_chunks = []
         return self._ids
 
     def index_data(self, ids, embeddings: np.ndarray) -> None:
-        """Add one batch: ids (n,) and embeddings (n, dim), appended after the rows already there."""
-        embeddings = np.ascontiguousarray(embeddings, dtype=np.float32)
-        ids = np.asarray(ids).astype(str)
+        """Add one batch: ids (n,) and embeddings (n, dim) of any float dtype (float16 shards
+        are converted ADD_BATCH rows at a time), appended after the rows already there."""
+        embeddings = np.asarray(embeddings)
+        ids = compact_ids(ids)
         if embeddings.ndim != 2 or embeddings.shape[1] != self.dim:
             raise ValueError(f"embeddings must have shape (n, {self.dim}), got {embeddings.shape}")
         if len(ids) != len(embeddings):
             raise ValueError(f"{len(ids)} ids for {len(embeddings)} embeddings")
         if len(ids) == 0:
             return
-        if not self.index.is_trained:
-            needed = self.config["n_lists"] if self.kind == "ivf" else 2 ** self.config["n_bits"]
-            if len(embeddings) < needed:  # k-means needs at least one point per centroid
-                raise ValueError(
-                    f"training a {self.kind} index needs at least {needed} vectors in the first batch, "
-                    f"got {len(embeddings)} (use a flat index for small corpora)"
-                )
-            logger.info("training the %s index on %d vectors", self.kind, len(embeddings))
-            self.index.train(embeddings)
-        self.index.add(embeddings)
         self._id_chunks.append(ids)
+        start = 0
+        if not self.index.is_trained and self.train_sample is None:  # the first batch is the sample
+            self._train(np.ascontiguousarray(embeddings, dtype=np.float32), "in the first batch")
+        elif not self.index.is_trained:
+            start = self._fill_buffer(embeddings)
+            if self._buffered < self.train_sample:
+                return
+            self.finish()
+        self._add(embeddings[start:])
+
+    def _fill_buffer(self, embeddings: np.ndarray) -> int:
+        """Copy rows into the training buffer until it holds train_sample; returns rows taken."""
+        if self._buffer is None:  # pages are only touched as they fill
+            self._buffer = np.empty((self.train_sample, self.dim), dtype=np.float32)
+        take = min(self.train_sample - self._buffered, len(embeddings))
+        self._buffer[self._buffered : self._buffered + take] = embeddings[:take]
+        self._buffered += take
+        return take
+
+    def finish(self) -> None:
+        """End of the data: train on what the buffer holds and add it (nothing if trained)."""
+        if self._buffer is None:
+            return
+        sample = self._buffer[: self._buffered]
+        self._train(sample, "")
+        self._buffer, self._buffered = None, 0
+        self._add(sample)
+
+    def _min_training(self) -> int:
+        """Vectors a trained kind needs at least: one per k-means centroid (sq8: its ranges)."""
+        c = self.config
+        centroids = {"ivf": c["n_lists"], "pq": 2 ** c["n_bits"], "sq8": 1}
+        centroids["ivfpq"] = max(c["n_lists"], centroids["pq"])
+        return centroids[self.kind]
+
+    def _train(self, sample: np.ndarray, where: str) -> None:
+        needed = self._min_training()
+        if len(sample) < needed:  # k-means needs at least one point per centroid
+            raise ValueError(
+                f"training the {self.kind} index needs at least {needed} vectors{' ' + where if where else ''}, "
+                f"got {len(sample)} (use a flat index for small corpora)"
+            )
+        if self.kind != "sq8" and len(sample) < 39 * needed:
+            logger.warning(
+                "training the %s index on %d vectors: FAISS's k-means wants >= 39 per centroid (%d for %d "
+                "centroids); codes may be poor (raise --index_train_sample, or lower --n_lists / --n-bits)",
+                self.kind,
+                len(sample),
+                39 * needed,
+                needed,
+            )
+        logger.info("training the %s index on %d vectors", self.kind, len(sample))
+        t0 = time.perf_counter()
+        self.index.train(sample)
+        self.trained_on, self.train_seconds = len(sample), time.perf_counter() - t0
+        logger.info("trained in %.1fs", self.train_seconds)
+
+    def _add(self, embeddings: np.ndarray) -> None:
+        for start in range(0, len(embeddings), ADD_BATCH):
+            self.index.add(np.ascontiguousarray(embeddings[start : start + ADD_BATCH], dtype=np.float32))
 
     def search_knn(self, queries: np.ndarray, k: int, batch_size: int = 2048) -> list[tuple[np.ndarray, np.ndarray]]:
-        """Top k by inner product for every query (n, dim): [(passage ids (k,), scores (k,))], best first.
+        """Top k by inner product for every query (n, dim): [(passage ids (k,) str, scores (k,))], best first.
 
         With fewer than k vectors indexed a query gets them all (FAISS's -1 rows dropped).
         """
         queries = np.ascontiguousarray(queries, dtype=np.float32)
         if queries.ndim != 2 or queries.shape[1] != self.dim:
             raise ValueError(f"queries must have shape (n, {self.dim}), got {queries.shape}")
+        self.finish()
         ids = self.ids
         k = min(k, len(self))
         results = []
         if k <= 0:
-            return [(ids[:0], np.zeros(0, dtype=np.float32)) for _ in range(len(queries))]
+            return [(np.zeros(0, dtype=str), np.zeros(0, dtype=np.float32)) for _ in range(len(queries))]
         for start in range(0, len(queries), batch_size):
             scores, rows = self.index.search(queries[start : start + batch_size], k)  # (b, k) each
-            for row_scores, row_ids in zip(scores, rows):
-                keep = row_ids >= 0
-                results.append((ids[row_ids[keep]], row_scores[keep]))
+            found = ids[np.maximum(rows, 0)].astype(str)  # (b, k): only the ids found become strings
+            for row_scores, row_ids, keep in zip(scores, found, rows >= 0):
+                results.append((row_ids[keep], row_scores[keep]))
         return results
 
     def serialize(self, directory: str | os.PathLike, extra: dict | None = None) -> None:
@@ -133,6 +308,7 @@ class Indexer:
 
         `extra`: JSON-able facts stored with the config (e.g. which embedding files made
         the index), returned by `read_meta` so a caller can tell a stale index."""
+        self.finish()
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         logger.info("saving %s index (%d vectors) to %s", self.kind, len(self), directory)
@@ -141,8 +317,9 @@ class Indexer:
             faiss.write_index(self.index, faiss.PyCallbackIOWriter(f.write))
         with atomic_write(directory / IDS_FILE, "wb") as f:
             np.save(f, self.ids, allow_pickle=False)
+        meta = {**self.config, "ntotal": len(self), "trained_on": self.trained_on, "extra": extra or {}}
         with atomic_write(directory / META_FILE) as f:  # written last: its presence marks a complete save
-            json.dump({**self.config, "ntotal": len(self), "extra": extra or {}}, f, indent=1)
+            json.dump(meta, f, indent=1)
 
     @staticmethod
     def exists(directory: str | os.PathLike) -> bool:
@@ -160,11 +337,12 @@ class Indexer:
             raise FileNotFoundError(f"no saved index in {directory} (expected {INDEX_FILE}, {IDS_FILE}, {META_FILE})")
         meta = cls.read_meta(directory)
         config = {k: meta[k] for k in ("dim", "n_subquantizers", "n_bits", "kind", "n_lists", "n_probe", "hnsw_m")}
-        indexer = cls(**config)
+        indexer = cls(**config, train_sample=meta.get("train_sample"))  # saves before the sample have none
         indexer.index = faiss.read_index(str(directory / INDEX_FILE))
-        if indexer.kind == "ivf":
+        indexer.trained_on = meta.get("trained_on")
+        if indexer.kind in IVF_KINDS:
             faiss.extract_index_ivf(indexer.index).nprobe = config["n_probe"]
-        indexer._ids = np.load(directory / IDS_FILE, allow_pickle=False)
+        indexer._ids = np.load(directory / IDS_FILE, allow_pickle=False)  # int64, or unicode (older saves too)
         if len(indexer._ids) != indexer.index.ntotal or meta.get("ntotal") != indexer.index.ntotal:
             raise ValueError(
                 f"{directory}: index holds {indexer.index.ntotal} vectors but the id map has {len(indexer._ids)}"

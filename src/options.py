@@ -18,7 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from .devices import PRECISIONS
+from .embedding import EMBEDDING_DTYPES
 from .files import atomic_write
+from .index import DEFAULT_SUBQUANTIZERS
+from .index import DEFAULTS as INDEX_DEFAULTS
+from .index import KINDS as INDEX_KINDS
 from .losses import LOSSES
 from .scores import SCORE_KINDS
 
@@ -190,8 +194,25 @@ class Options:
         g = self.parser.add_argument_group("passage embeddings")
         g.add_argument("--passages", type=str, default=None, help="passages .tsv (id, text, title)")
         g.add_argument("--output_path", type=str, default="wikipedia_embeddings/wiki", help="shard prefix")
-        g.add_argument("--shard_id", type=int, default=0, help="which shard to embed")
-        g.add_argument("--num_shards", type=positive_int, default=1, help="how many shards in all")
+        g.add_argument(
+            "--shard_id",
+            type=int,
+            default=None,
+            help="which shard to embed (unset: 0); refused under torchrun, where rank r embeds shards r, r+W, r+2W, ...",
+        )
+        g.add_argument(
+            "--num_shards",
+            type=positive_int,
+            default=None,
+            help="how many shards in all (unset: 1; under torchrun: one per process)",
+        )
+        g.add_argument(
+            "--embedding_dtype",
+            choices=list(EMBEDDING_DTYPES),
+            default="float32",
+            help="dtype of the stored embeddings: float16 halves the shards on disk and in memory (values must "
+            "stay within +-65504); the index converts them to float32 batch by batch",
+        )
         g.add_argument("--passage_maxlength", type=positive_int, default=200, help="max passage tokens")
         self._add_corpus_precision(g)
         g.add_argument("--no_title", action="store_true", help="leave passage titles out of the input")
@@ -210,8 +231,48 @@ class Options:
         g.add_argument("--passage_maxlength", type=positive_int, default=200, help="max passage tokens")
         g.add_argument("--question_maxlength", type=positive_int, default=40, help="max question tokens")
         g.add_argument("--indexing_batch_size", type=positive_int, default=50000, help="vectors added to FAISS at once")
-        g.add_argument("--n-subquantizers", dest="n_subquantizers", type=int, default=0, help="PQ (0: flat)")
-        g.add_argument("--n-bits", dest="n_bits", type=int, default=8, help="bits per PQ subquantizer")
+        g.add_argument(
+            "--n-subquantizers",
+            dest="n_subquantizers",
+            type=int,
+            default=0,
+            help=f"pq / ivfpq: codes per vector, each for dim / n of its dimensions; > 0 without --index_type "
+            f"means pq (the original's rule); 0 with --index_type pq or ivfpq: {DEFAULT_SUBQUANTIZERS} when it "
+            "divides dim",
+        )
+        g.add_argument("--n-bits", dest="n_bits", type=int, default=8, help="pq / ivfpq: bits per code")
+
+    def add_index_options(self) -> None:
+        """passage_retrieval.py: which FAISS index (src/index.py's KINDS) and its settings."""
+        g = self.parser.add_argument_group("index")
+        g.add_argument(
+            "--index_type",
+            choices=list(INDEX_KINDS),
+            default=None,
+            help="FAISS index (default: pq when --n-subquantizers > 0, else exact flat): "
+            + "; ".join(f"{name}: {text}" for name, text in INDEX_KINDS.items()),
+        )
+        g.add_argument(
+            "--n_lists", type=positive_int, default=INDEX_DEFAULTS["n_lists"], help="ivf / ivfpq: inverted lists"
+        )
+        g.add_argument(
+            "--n_probe",
+            type=positive_int,
+            default=INDEX_DEFAULTS["n_probe"],
+            help="ivf / ivfpq: lists searched per query (a search setting: a saved index takes this run's)",
+        )
+        g.add_argument(
+            "--hnsw_m", type=positive_int, default=INDEX_DEFAULTS["hnsw_m"], help="hnsw: graph links per node"
+        )
+        g.add_argument(
+            "--index_train_sample",
+            type=positive_int,
+            default=INDEX_DEFAULTS["index_train_sample"],
+            help="pq / ivf / ivfpq / sq8: vectors the index is trained on, the first ones of the shards in corpus "
+            "order (all of them if fewer; held in memory as float32 until trained). FAISS's k-means wants >= "
+            "39 per centroid: 39 x n_lists (ivf), 39 x 2^n_bits (pq), the larger of the two (ivfpq); fewer "
+            "gives a warning",
+        )
 
     def _add_corpus_precision(self, group) -> None:
         """The corpus scripts' `--precision` defaults to the original's behaviour (None until

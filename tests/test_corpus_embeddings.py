@@ -1,6 +1,8 @@
 """Passage embeddings and passage retrieval with a tiny BERT retriever (offline, CPU)."""
 
 import json
+import os
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -313,5 +315,55 @@ def test_shards_stream_into_the_index_in_full_batches(tmp_path, monkeypatch):
     )  # fmt: skip
     indexer = passage_retrieval.build_index(files, 4, opt, logging.getLogger("test"))
     assert added == [4, 4, 4, 4, 4, 2]
-    assert indexer.ids.tolist() == [str(i) for i in range(n)]
+    assert indexer.ids.dtype == np.int64  # integer ids: a compact id map
+    assert indexer.ids.astype(str).tolist() == [str(i) for i in range(n)]
     assert indexer.index.reconstruct_n(0, n)[:, 0].tolist() == list(range(n))
+
+
+def embed_args(corpus, retriever_dir, out, *extra) -> list[str]:
+    return [
+        "--model_path", str(retriever_dir), "--passages", str(corpus / "psgs.tsv"), "--output_path", str(out),
+        "--passage_maxlength", str(MAXLEN), "--per_gpu_batch_size", "3", "--device", "cpu", *extra,
+    ]  # fmt: skip
+
+
+@pytest.mark.slow  # ~15 s: two fresh interpreters import torch and transformers
+def test_torchrun_ranks_write_the_shards_of_num_shards_processes(corpus, retriever_dir):
+    """torchrun --nproc_per_node 2 (gloo on CPU): rank r writes shard r of 2, the same files
+    as two single processes with --num_shards 2 --shard_id r."""
+    for shard_id in range(2):
+        generate_passage_embeddings.main(
+            embed_args(
+                corpus, retriever_dir, corpus / "single" / "wiki", "--shard_id", str(shard_id), "--num_shards", "2"
+            )
+        )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(
+        [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+            "--master_port", str(29500 + random.randint(0, 2000)), "generate_passage_embeddings.py",
+            *embed_args(corpus, retriever_dir, corpus / "dist" / "wiki"),
+        ],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "all 2 shards written by 2 processes" in proc.stdout
+    assert sorted(p.name for p in (corpus / "dist").iterdir()) == ["wiki_00.npz", "wiki_01.npz"]
+    for shard_id in range(2):
+        ids, emb = read_shard(corpus / "dist" / f"wiki_{shard_id:02d}.npz", compact=True)
+        single_ids, single_emb = read_shard(corpus / "single" / f"wiki_{shard_id:02d}.npz", compact=True)
+        assert ids.dtype == np.int64 and ids.tolist() == single_ids.tolist()
+        np.testing.assert_allclose(emb, single_emb, atol=1e-6, rtol=0)
+
+
+def test_float16_shards_hold_the_float32_embeddings_in_half_the_bytes(corpus, retriever_dir, reference):
+    *_, store, expected = reference
+    generate_passage_embeddings.main(
+        embed_args(corpus, retriever_dir, corpus / "f16" / "wiki", "--embedding_dtype", "float16")
+    )
+    generate_passage_embeddings.main(embed_args(corpus, retriever_dir, corpus / "f32" / "wiki"))
+    ids, emb = read_shard(corpus / "f16" / "wiki_00.npz", compact=True)
+    assert emb.dtype == np.float16 and ids.tolist() == [int(i) for i in store.ids()]
+    np.testing.assert_allclose(emb.astype(np.float32), expected, rtol=1e-3, atol=1e-3 * np.abs(expected).max())
+    emb_bytes = {name: np.load(corpus / name / "wiki_00.npz")["embeddings"].nbytes for name in ("f16", "f32")}
+    assert emb_bytes["f16"] * 2 == emb_bytes["f32"]

@@ -1,13 +1,17 @@
 """Indexer (FAISS + id map) and embedding shard files."""
 
+import logging
 import pickle
 
+import faiss
 import numpy as np
 import pytest
 
-from src.embedding import read_shard, shard_path, shard_range, write_shard
+from src.cli import cli
+from src.embedding import check_shard, read_shard, shard_path, shard_range, shards_of_process, write_shard
 from src.errors import EmbeddingFileError
-from src.index import IDS_FILE, INDEX_FILE, Indexer
+from src.index import IDS_FILE, INDEX_FILE, KINDS, Indexer, index_kind, index_signature, unused_index_flags
+from src.options import Options
 
 
 def clustered(n_clusters=8, per_cluster=64, dim=32, noise=0.05, seed=0):
@@ -126,3 +130,199 @@ def test_shard_files_round_trip_and_legacy_pickles(tmp_path):
     junk.write_text("not embeddings")
     with pytest.raises(EmbeddingFileError, match="junk: not an embedding shard"):
         read_shard(junk)
+
+
+def unit_vectors(n=512, dim=64, seed=0):
+    """Random unit vectors: in 64 dimensions any two are far apart (|<x, y>| < ~0.5)."""
+    x = np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+# Settings each kind needs to work on 512 vectors of dim 64.
+KIND_SETTINGS = {
+    "pq": {"n_subquantizers": 16},
+    "ivfpq": {"n_subquantizers": 16, "n_lists": 4, "n_probe": 4},
+    "ivf": {"n_lists": 4, "n_probe": 2},
+}
+
+
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_every_kind_round_trips_and_finds_the_nearest_neighbour(tmp_path, kind, caplog):
+    x = unit_vectors()
+    queries = x[::7] + 0.01 * np.random.default_rng(1).standard_normal((len(x[::7]), 64)).astype(np.float32)
+    ids = [str(i) for i in range(1000, 1000 + len(x))]
+    indexer = Indexer(64, kind=kind, train_sample=400, **KIND_SETTINGS.get(kind, {}))
+    with caplog.at_level(logging.INFO, logger="fid.index"):
+        for start in range(0, len(x), 100):  # streamed: the trained kinds buffer 400, then train
+            indexer.index_data(ids[start : start + 100], x[start : start + 100])
+        assert len(indexer) == len(x)
+        before = indexer.search_knn(queries, 5)
+    trained = kind in ("pq", "ivf", "ivfpq", "sq8")
+    assert indexer.trained_on == (400 if trained else None)
+    assert (f"training the {kind} index on 400 vectors" in caplog.text) == trained
+    assert [found[0] for found, _ in before] == ids[::7]  # the exact nearest neighbour first
+    indexer.serialize(tmp_path)
+    assert np.load(tmp_path / IDS_FILE, allow_pickle=False).dtype == np.int64  # integer ids: compact map
+    loaded = Indexer.deserialize_from(tmp_path)
+    assert (loaded.kind, len(loaded), loaded.trained_on) == (kind, len(x), indexer.trained_on)
+    for (ids_a, sc_a), (ids_b, sc_b) in zip(before, loaded.search_knn(queries, 5)):
+        assert ids_a.tolist() == ids_b.tolist() and all(isinstance(i, str) for i in ids_b.tolist())
+        np.testing.assert_array_equal(sc_a, sc_b)
+
+
+def test_bytes_per_passage_of_the_compact_kinds(tmp_path):
+    x = unit_vectors(n=2048)
+    sizes = {}
+    for kind in ("flat", "sqfp16", "sq8", "pq"):
+        indexer = Indexer(64, kind=kind, n_subquantizers=16, train_sample=1024)
+        indexer.index_data(np.arange(len(x)), x)
+        indexer.serialize(tmp_path / kind)
+        sizes[kind] = (tmp_path / kind / INDEX_FILE).stat().st_size
+    assert [round(sizes[k] / len(x)) for k in ("flat", "sqfp16", "sq8")] == [256, 128, 64]  # 4, 2, 1 bytes per dim
+    codebooks = 256 * 64 * 4  # 256 centroids of 16 sub-vectors of 4 dims, float32
+    assert 0 < sizes["pq"] - codebooks - 16 * len(x) < 200  # 16 one-byte codes per passage, a header
+
+
+def test_training_sample_smaller_corpus_and_first_batch(caplog):
+    x = unit_vectors(n=300)
+    indexer = Indexer(64, kind="pq", n_subquantizers=8, train_sample=10_000)
+    indexer.index_data(np.arange(300), x)
+    assert indexer.index.ntotal == 0 and len(indexer) == 300  # still buffered: the sample is not full
+    with caplog.at_level(logging.WARNING, logger="fid.index"):
+        indexer.search_knn(x[:1], 1)  # the data ended: trained on all of it
+    assert indexer.trained_on == 300 and indexer.index.ntotal == 300
+    assert "FAISS's k-means wants >= 39 per centroid (9984 for 256 centroids)" in caplog.text
+
+    first_batch = Indexer(64, kind="pq", n_subquantizers=8)  # no sample: the first batch, as before
+    first_batch.index_data(np.arange(260), x[:260])
+    first_batch.index_data(np.arange(260, 300), x[260:])
+    assert first_batch.trained_on == 260 and first_batch.index.ntotal == 300
+
+    too_few = Indexer(64, kind="ivf", n_lists=64, train_sample=100)
+    too_few.index_data(np.arange(30), x[:30])
+    with pytest.raises(ValueError, match="training the ivf index needs at least 64 vectors, got 30"):
+        too_few.search_knn(x[:1], 1)
+    with pytest.raises(ValueError, match="sample of 100 vectors is too small for the pq index: it needs at least 256"):
+        Indexer(64, kind="pq", n_subquantizers=8, train_sample=100)
+
+
+def test_float16_embeddings_give_the_flat_top_k_of_float32(tmp_path):
+    x = unit_vectors(n=400)
+    queries = unit_vectors(n=20, seed=5)
+    ids = [str(i) for i in range(400)]
+    write_shard(tmp_path / "f32.npz", ids, x)
+    write_shard(tmp_path / "f16.npz", ids, x, dtype="float16")
+    assert (tmp_path / "f16.npz").stat().st_size < 0.6 * (tmp_path / "f32.npz").stat().st_size
+    ids16, x16 = read_shard(tmp_path / "f16.npz", compact=True)
+    assert x16.dtype == np.float16 and ids16.dtype == np.int64  # as stored
+    assert read_shard(tmp_path / "f16.npz")[1].dtype == np.float32  # the default: float32 and str ids
+    results = {}
+    for name, (shard_ids, emb) in {"f32": read_shard(tmp_path / "f32.npz"), "f16": (ids16, x16)}.items():
+        indexer = Indexer(64)
+        indexer.index_data(shard_ids, emb)
+        results[name] = indexer.search_knn(queries, 10)
+    for (ids_a, sc_a), (ids_b, sc_b) in zip(results["f32"], results["f16"]):
+        assert ids_a.tolist() == ids_b.tolist()
+        np.testing.assert_allclose(sc_a, sc_b, atol=2e-3)
+    with pytest.raises(ValueError, match="beyond float16's range"):
+        write_shard(tmp_path / "big.npz", ["1"], np.array([[1e5, 0.0]]), dtype="float16")
+
+
+def test_id_maps_int64_when_all_are_integers_else_strings(tmp_path):
+    x = unit_vectors(n=6, dim=8)
+    cases = {
+        "ints": (["3", "10", "2", "7", "100", "21015324"], np.int64),
+        "numpy ints": (np.array([3, 10, 2, 7, 100, 21015324]), np.int64),
+        "leading zero": (["3", "010", "2", "7", "100", "5"], str),  # "010" must come back as "010"
+        "mixed": (["3", "10", "wiki:2", "7", "100", "5"], str),
+    }
+    for name, (ids, dtype) in cases.items():
+        indexer = Indexer(8)
+        indexer.index_data(ids[:3], x[:3])
+        indexer.index_data(ids[3:], x[3:])
+        assert indexer.ids.dtype.kind == np.dtype(dtype).kind, name
+        indexer.serialize(tmp_path / name)
+        loaded = Indexer.deserialize_from(tmp_path / name)
+        for found, _ in loaded.search_knn(x, 1):
+            assert found.dtype.kind == "U"
+        assert [found[0] for found, _ in loaded.search_knn(x, 1)] == [str(i) for i in ids], name
+
+    # an index saved before int64 maps: a unicode id map still loads and searches the same
+    np.save(tmp_path / "ints" / IDS_FILE, np.array(cases["ints"][0]), allow_pickle=False)
+    old = Indexer.deserialize_from(tmp_path / "ints")
+    assert [found[0] for found, _ in old.search_knn(x, 1)] == cases["ints"][0]
+
+
+def parse_index_flags(*argv):
+    options = Options()
+    options.add_retrieval_options()
+    options.add_index_options()
+    return options.parse(list(argv))
+
+
+def test_index_flags_choose_kind_signature_and_unused_flags():
+    assert index_kind(parse_index_flags()) == "flat" and index_kind(parse_index_flags("--n-subquantizers", "8")) == "pq"
+    opt = parse_index_flags("--index_type", "ivfpq", "--n_lists", "4", "--index_train_sample", "300")
+    indexer = Indexer.from_options(768, opt)
+    ivf = faiss.extract_index_ivf(indexer.index)
+    assert (indexer.kind, ivf.nlist, ivf.nprobe, indexer.config["n_subquantizers"]) == ("ivfpq", 4, 16, 64)
+    assert indexer.train_sample == 300
+    assert unused_index_flags(opt).keys() == {"hnsw_m"}
+    assert unused_index_flags(parse_index_flags("--index_type", "sqfp16")).keys() == {
+        "n_lists", "n_probe", "n_subquantizers", "n_bits", "hnsw_m", "index_train_sample",
+    }  # fmt: skip
+    assert unused_index_flags(parse_index_flags("--index_type", "sq8")).keys() == {
+        "n_lists", "n_probe", "n_subquantizers", "n_bits", "hnsw_m",
+    }  # fmt: skip
+    assert "only --index_type ivf or ivfpq" in unused_index_flags(parse_index_flags())["n_lists"]
+    signature = index_signature(opt)
+    assert signature == index_signature(parse_index_flags(*opt_argv(opt), "--n_probe", "64"))  # a search setting
+    assert signature != index_signature(parse_index_flags(*opt_argv(opt), "--n_lists", "8"))
+    assert index_signature(parse_index_flags()) == {
+        "kind": "flat",
+        "n_subquantizers": 0,
+        "n_bits": 8,
+    }  # as saved before
+
+
+def opt_argv(opt) -> list[str]:
+    return ["--index_type", opt.index_type, "--n_lists", str(opt.n_lists), "--index_train_sample", "300"]
+
+
+def test_misused_index_flags_are_clear_errors_with_exit_2(capsys):
+    with pytest.raises(ValueError, match="ivfpq needs --n-subquantizers > 0 dividing dim=768"):
+        Indexer.from_options(768, parse_index_flags("--index_type", "ivfpq", "--n-subquantizers", "10"))
+    with pytest.raises(SystemExit) as e:  # what a script that builds it does (src/cli.py)
+        cli(lambda: Indexer.from_options(100, parse_index_flags("--index_type", "ivfpq")))
+    assert e.value.code == 2
+    assert "ivfpq needs --n-subquantizers > 0 dividing dim=100" in capsys.readouterr().err
+    for argv in (["--index_type", "ivfpq2"], ["--index_train_sample", "0"], ["--n_lists", "0"]):
+        with pytest.raises(SystemExit) as e:
+            parse_index_flags(*argv)
+        assert e.value.code == 2
+
+
+def test_shards_of_a_process_alone_and_under_torchrun():
+    assert shards_of_process(None, None) == ([0], 1)
+    assert shards_of_process(3, 5) == ([3], 5)
+    assert [shards_of_process(None, None, rank, 2) for rank in (0, 1)] == [([0], 2), ([1], 2)]
+    assert [shards_of_process(None, 5, rank, 2)[0] for rank in (0, 1)] == [[0, 2, 4], [1, 3]]
+    with pytest.raises(ValueError, match="shard_id"):
+        shards_of_process(5, 5)
+    with pytest.raises(ValueError, match="under torchrun rank r of 2 embeds"):
+        shards_of_process(0, 2, 0, 2)
+    with pytest.raises(ValueError, match="--num_shards 2 is fewer than the 4 processes"):
+        shards_of_process(None, 2, 0, 4)
+
+
+def test_check_shard_reads_the_array_headers(tmp_path):
+    good = tmp_path / "good.npz"
+    write_shard(good, ["1", "2"], np.ones((2, 4), np.float32), dtype="float16")
+    check_shard(good)
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, ids=np.array(["1", "2", "3"]), embeddings=np.ones((2, 4), np.float32))
+    with pytest.raises(EmbeddingFileError, match=r"bad.npz: expected ids \(n,\).*found ids <U1 \(3,\)"):
+        check_shard(bad)
+    np.savez(bad, ids=np.array(["1"]), embeddings=np.array([["a", "b"]]))
+    with pytest.raises(EmbeddingFileError, match="float embeddings"):
+        check_shard(bad)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from src.errors import PassageFileError
-from src.passages import PassageStore
+from src.passages import PassageStore, compact_ids
 
 DATA = Path(__file__).parent / "data" / "corpus"
 
@@ -183,3 +183,22 @@ def test_reads_after_fork(dpr_file):
     child_answer = os.read(read, 100).decode()
     os.waitpid(pid, 0)
     assert child_answer == "Wolfgang Amadeus Mozart" == store["9"]["title"]
+
+
+def test_compact_ids_are_int64_only_when_they_round_trip():
+    assert compact_ids(["1", "20", "-3", "21015324"]).tolist() == [1, 20, -3, 21015324]
+    assert compact_ids(np.array([4, 5], dtype=np.uint32)).dtype == np.int64
+    for ids in (["1", "007"], ["1", "+7"], ["1", " 7"], ["1", "wiki:7"], ["1", "99999999999999999999"], ["1", "1e3"]):
+        compact = compact_ids(ids)
+        assert compact.dtype.kind == "U" and compact.tolist() == ids  # the very same strings
+    assert compact_ids([b"12", b"13"]).tolist() == [12, 13]
+
+
+def test_id_array_is_compact_and_equals_ids(dpr_file, tmp_path):
+    store = PassageStore(dpr_file, show_progress=False)  # contiguous integer ids
+    assert store.id_array().dtype == np.int64 and store.id_array(2, 5).tolist() == [3, 4, 5]
+    assert store.id_array(10, 100).astype(str).tolist() == store.ids(10, 100) and len(store.id_array(5, 5)) == 0
+    unordered = PassageStore(write_tsv(tmp_path / "n.tsv", "30\tx\tT\n10\ty\tT\n"), show_progress=False)
+    assert unordered.id_array().tolist() == [30, 10] and unordered.id_array().dtype == np.int64
+    named = PassageStore(write_tsv(tmp_path / "s.tsv", "doc-b\tx\tB\ndoc-é\ty\tA\n"), show_progress=False)
+    assert named.id_array().tolist() == ["doc-b", "doc-é"] == named.ids()

@@ -58,12 +58,12 @@ USED = {
     train_retriever: COMMON | RETRIEVER | OPTIM,
     generate_passage_embeddings: CORPUS_COMMON | {
         "passages", "output_path", "shard_id", "num_shards", "passage_maxlength", "no_fp16", "no_title",
-        "no_sort_by_length",
+        "no_sort_by_length", "embedding_dtype",
     },
     passage_retrieval: CORPUS_COMMON | {"maxload"} | {
         "data", "passages", "passages_embeddings", "output_path", "n_docs", "validation_workers", "save_or_load_index",
         "no_fp16", "question_maxlength", "indexing_batch_size", "n_subquantizers", "n_bits", "index_type", "n_lists",
-        "n_probe", "allow_pickle_embeddings", "evaluate_only",
+        "n_probe", "allow_pickle_embeddings", "evaluate_only", "hnsw_m", "index_train_sample", "question_chunk_size",
     },
 }  # fmt: skip
 SCRIPTS = list(USED)
