@@ -104,12 +104,17 @@ def build_index(files: list[str], dim: int, opt, logger: logging.Logger) -> Inde
     """Stream the shards into the index, `indexing_batch_size` vectors at a time."""
     indexer = Indexer.from_options(dim, opt)
     batch = opt.indexing_batch_size
-    carry_ids, carry_emb = np.array([], dtype=str), np.zeros((0, dim), np.float32)  # < batch vectors
+    carry_ids, carry_emb = None, np.zeros((0, dim), np.float32)  # < batch vectors
     for path in tqdm(files, desc="indexing shards", unit="shard"):
         try:
-            ids, emb = read_shard(path, allow_pickle=opt.allow_pickle_embeddings)
+            # compact: int64 ids and float16 stay as stored; index_data converts batch by batch
+            ids, emb = read_shard(path, allow_pickle=opt.allow_pickle_embeddings, compact=True)
         except EmbeddingFileError as e:
             raise DataError(str(e)) from None
+        if carry_ids is None:
+            carry_ids = ids[:0]
+        if carry_ids.dtype.kind != ids.dtype.kind:  # shards with integer and string ids: strings for both
+            carry_ids, ids = carry_ids.astype(str), ids.astype(str)
         if len(emb) and emb.shape[1] != dim:
             raise DataError(f"{path}: embeddings have dimension {emb.shape[1]} but the retriever's is {dim}")
         # Top the carried vectors up to a full batch, then add the shard in slices: no
@@ -125,7 +130,7 @@ def build_index(files: list[str], dim: int, opt, logger: logging.Logger) -> Inde
             indexer.index_data(ids[start : start + batch], emb[start : start + batch])
             start += batch
         carry_ids, carry_emb = ids[start:], emb[start:]
-    if len(carry_ids):
+    if carry_ids is not None and len(carry_ids):
         indexer.index_data(carry_ids, carry_emb)
     indexer.finish()
     logger.info("indexed %d passages from %d shard(s) (%s index)", len(indexer), len(files), indexer.kind)
