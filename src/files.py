@@ -95,3 +95,33 @@ def clean_interrupted(directory: str | Path) -> list[Path]:
             os.replace(old, final)
         touched.append(old)
     return touched
+
+
+class ProcessFile:
+    """A read-only file for `pread`, opened on first use in each process: a DataLoader
+    worker (a fork) reopens it rather than share, or close, its parent's descriptor.
+    Pickles as its path."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = path
+        self._fd: int | None = None
+        self._pid: int | None = None
+
+    def pread(self, n: int, offset: int) -> bytes:
+        if self._fd is None or self._pid != os.getpid():
+            self._fd, self._pid = os.open(self.path, os.O_RDONLY), os.getpid()
+        return os.pread(self._fd, n, offset)
+
+    def close(self) -> None:
+        if self._fd is not None and self._pid == os.getpid():
+            os.close(self._fd)
+        self._fd = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"path": self.path, "_fd": None, "_pid": None}
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass

@@ -25,7 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import PassageFileError
-from .files import atomic_write
+from .files import ProcessFile, atomic_write
 
 logger = logging.getLogger("fid.passages")  # a child of the scripts' "fid" logger
 
@@ -151,8 +151,7 @@ class PassageStore:
             raise FileNotFoundError(f"passages file not found: {self.path}")
         self.strict = strict
         self.show_progress = show_progress
-        self._fd: int | None = None
-        self._fd_pid: int | None = None
+        self._file = ProcessFile(self.path)
         stat = self.path.stat()
         self._signature = {"version": INDEX_VERSION, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
 
@@ -388,20 +387,12 @@ class PassageStore:
         """The i-th passage in file order (bad rows skipped)."""
         if not -len(self) <= i < len(self):
             raise IndexError(f"row {i} out of range for {len(self)} passages")
-        raw = os.pread(self._file_descriptor(), int(self._lengths[i]), int(self._starts[i]))
+        raw = self._file.pread(int(self._lengths[i]), int(self._starts[i]))
         return self._to_passage(raw)
 
     def _to_passage(self, raw: bytes) -> dict:
         fields = _parse_row(raw, self._n_columns)
         return {"id": fields[self._id_col], "title": fields[self._title_col], "text": fields[self._text_col]}
-
-    def _file_descriptor(self) -> int:
-        # Reopen after fork so worker processes do not share a file offset (pread has
-        # none, but closing in one process must not close it in another).
-        if self._fd is None or self._fd_pid != os.getpid():
-            self._fd = os.open(self.path, os.O_RDONLY)
-            self._fd_pid = os.getpid()
-        return self._fd
 
     def iter_range(self, start: int = 0, end: int | None = None) -> Iterator[dict]:
         """Passages of rows [start, end) in file order, read sequentially (for sharding)."""
@@ -444,15 +435,7 @@ class PassageStore:
         return np.array([v.decode("utf-8") for v in self._str_ids[start:end].tolist()], dtype=str)
 
     def close(self) -> None:
-        if self._fd is not None and self._fd_pid == os.getpid():
-            os.close(self._fd)
-        self._fd = None
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
+        self._file.close()
 
     def __repr__(self) -> str:
         return f"PassageStore({str(self.path)!r}, {len(self)} passages)"

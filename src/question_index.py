@@ -31,7 +31,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .errors import DataError
-from .files import atomic_write
+from .files import ProcessFile, atomic_write
 from .questions import Facts, check_questions, example_facts, rank_ctxs, validate_example
 
 logger = logging.getLogger("fid.questions")  # a child of the scripts' "fid" logger
@@ -290,8 +290,7 @@ class QuestionFile(Sequence):
     ):
         self.path, self.rank = Path(path), rank
         self.lines = self.path.suffix == ".jsonl"
-        self._fd: int | None = None
-        self._fd_pid: int | None = None
+        self._file = ProcessFile(self.path)
         if not self.path.is_file():
             self._careful_error(maxload)  # no such file, a directory
         index = self._open_index(cache_dir, min_cache_bytes, show_progress)
@@ -350,7 +349,7 @@ class QuestionFile(Sequence):
 
     def _parse(self, i: int) -> Any:
         start, end = int(self.starts[i]), int(self.ends[i])
-        return json.loads(os.pread(self._file_descriptor(), end - start, start).decode("utf-8"))
+        return json.loads(self._file.pread(end - start, start).decode("utf-8"))
 
     def where(self, i: int) -> str:
         """'example i' (a JSON list) or 'line N' (JSON lines: counted, only for messages)."""
@@ -366,25 +365,8 @@ class QuestionFile(Sequence):
                     line_number += bool(part)
         return f"line {line_number}"
 
-    def _file_descriptor(self) -> int:
-        # Reopened after fork: a worker process must not close its parent's descriptor.
-        if self._fd is None or self._fd_pid != os.getpid():
-            self._fd, self._fd_pid = os.open(self.path, os.O_RDONLY), os.getpid()
-        return self._fd
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_fd": None, "_fd_pid": None}
-
     def close(self) -> None:
-        if self._fd is not None and self._fd_pid == os.getpid():
-            os.close(self._fd)
-        self._fd = None
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
+        self._file.close()
 
     def __repr__(self) -> str:
         return f"QuestionFile({str(self.path)!r}, {len(self)} examples)"
