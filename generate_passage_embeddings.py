@@ -21,15 +21,22 @@ import time
 
 from tqdm import tqdm
 
-from src import dist
-from src.cli import cli, init_logger, warn_ignored
-from src.datasets import format_passage
+from src import distributed as dist
+from src.cli import cli, finish, init_logger, warn_ignored
+from src.corpus.embeddings import (
+    embed_texts,
+    pools_over_padding,
+    shard_path,
+    shard_range,
+    shards_of_process,
+    write_shard,
+)
+from src.corpus.passages import PassageStore
+from src.data.datasets import format_passage
 from src.devices import default_device, resolve_precision
-from src.embedding import embed_texts, pools_over_padding, shard_path, shard_range, shards_of_process, write_shard
 from src.errors import DataError, PassageFileError
 from src.options import Options
-from src.passages import PassageStore
-from src.retriever import load_retriever
+from src.retriever.task import load_retriever
 
 # Shared option groups: accepted (the original's scripts shared them), unused here: no run
 # directory (the shards go to --output_path), no process group flags (torchrun's variables
@@ -122,7 +129,7 @@ def main(argv=None) -> None:
         if world_size > 1 and dist.get_rank() == 0:
             logger.info("all %d shards written by %d processes", num_shards, world_size)
     finally:
-        dist.destroy()
+        finish()
 
 
 def embed_shard(opt, store, model, tokenizer, shard_id: int, num_shards: int, fixed_padding: bool, logger) -> None:

@@ -12,7 +12,7 @@ through in chunks of `--question_chunk_size` (read, embed, search, write), so me
 not grow with their number. Under torchrun each process indexes a share of the shard
 files and searches every question against it; rank 0 embeds the questions, merges the
 processes' top k into the global one (the same as one process gives), attaches the
-passages and writes the output (src/retrieval.py).
+passages and writes the output (src/corpus/search.py).
 
     python passage_retrieval.py --evaluate_only --data retrieved.json [--output_path out.json]
 
@@ -33,17 +33,12 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from src import dist
-from src.cli import cli, init_logger, warn_ignored
-from src.datasets import format_question
-from src.devices import default_device, resolve_precision
-from src.embedding import embed_texts, pools_over_padding
-from src.errors import DataError, PassageFileError
-from src.index import Indexer, index_signature, unused_index_flags
-from src.options import Options, positive_int
-from src.passages import PassageStore
-from src.questions import check_questions, write_questions
-from src.retrieval import (
+from src import distributed as dist
+from src.cli import cli, finish, init_logger, warn_ignored
+from src.corpus.embeddings import embed_texts, pools_over_padding
+from src.corpus.faiss_index import Indexer, index_signature, unused_index_flags
+from src.corpus.passages import PassageStore
+from src.corpus.search import (
     WRITE_BATCH,
     AnswerHits,
     Searchers,
@@ -57,7 +52,12 @@ from src.retrieval import (
     shards_signature,
     share_of,
 )
-from src.retriever import load_retriever
+from src.data.datasets import format_question
+from src.data.questions import check_questions, write_questions
+from src.devices import default_device, resolve_precision
+from src.errors import DataError, PassageFileError
+from src.options import Options, positive_int
+from src.retriever.task import load_retriever
 
 # Shared option groups and the original's command lines: accepted, unused here. No run
 # directory (the log goes beside --output_path), no process group flags (torchrun's
@@ -206,7 +206,7 @@ def main(argv=None) -> None:
         elif opt.is_main:  # the other processes have nothing to do
             evaluate(opt, logger, log)
     finally:
-        dist.destroy()
+        finish()
 
 
 def n_questions(opt, logger: logging.Logger) -> int:

@@ -31,10 +31,10 @@ from typing import Any
 from tqdm import tqdm
 
 from src.cli import cli, init_logger
+from src.corpus.passages import PassageStore
+from src.data.questions import iter_entries, json_error, parse_score, utf8_error, write_questions
 from src.errors import DataError, PassageFileError
-from src.evaluation import has_answer
-from src.passages import PassageStore
-from src.questions import iter_entries, json_error, parse_score, utf8_error, write_questions
+from src.metrics import has_answer
 
 logger = logging.getLogger("fid")
 

@@ -7,8 +7,8 @@
         --nproc 8 --n_context 100 --reader_steps 15000 ...   # real data, GPUs
 
 Each step is the real script, run as a subprocess with the flags a user would type
-(every command is printed and logged to `commands.log`; the runner is `src/loop.py`,
-the report `src/report.py`). One round is
+(every command is printed and logged to `commands.log`; the runner is `src/toy/runner.py`,
+the report `src/toy/report.py`). One round is
 
   1. train_reader.py            on the current ctxs (round 1: the first stage's)
   2. test_reader.py             on train, dev and test, --write_crossattention_scores
@@ -20,7 +20,7 @@ Round r > 1 continues from round r−1's best reader and retriever checkpoints: 
 reader reads the passages the distilled retriever found, and the retriever then learns
 the new reader's scores on those passages, its own earlier mistakes included. "Before
 distillation" in the report is always the random starting retriever. With no data
-arguments the toy world of `src/toy.py` is generated into the run directory, with BM25
+arguments the toy world of `src/toy/world.py` is generated into the run directory, with BM25
 as the first stage and tiny model directories, and the retriever trains with
 `--in_batch_negatives` (BM25's lists there hold only look-alike passages; see README).
 
@@ -34,10 +34,10 @@ import argparse
 import time
 from pathlib import Path
 
-from src.compare import DEFAULT_SIGNALS, run_comparison
-from src.loop import run_loop
-from src.losses import LOSSES
-from src.scores import SCORE_KINDS
+from src.reader.scores import SCORE_KINDS
+from src.retriever.losses import LOSSES
+from src.toy.compare import DEFAULT_SIGNALS, run_comparison
+from src.toy.runner import run_loop
 
 ROOT = Path(__file__).resolve().parent
 

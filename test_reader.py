@@ -16,15 +16,15 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from src import dist
-from src.cli import cli, start_run, warn_ignored
-from src.datasets import ReaderCollator, ReaderDataset
+from src import distributed as dist
+from src.cli import cli, finish, start_run, warn_ignored
+from src.data.datasets import ReaderCollator, ReaderDataset
+from src.data.offsets import QuestionFile
+from src.data.questions import require_targets, write_questions
 from src.files import atomic_write
 from src.options import Options
-from src.question_index import QuestionFile
-from src.questions import require_targets, write_questions
-from src.reader import exact_match, generate_answers, load_reader
-from src.scores import SCORE_KINDS, attach_scores
+from src.reader.scores import SCORE_KINDS, attach_scores
+from src.reader.task import exact_match, generate_answers, load_reader
 
 # Shared option groups: accepted (the original's scripts shared them), unused here. Nothing
 # here draws a random number (greedy or beam decoding), so --seed changes nothing.
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> None:
             write_questions(run_dir / "dataset_wscores.json", with_scores(examples, results, opt.n_context))
             logger.info("cross-attention scores written to %s", run_dir / "dataset_wscores.json")
     dist.barrier()
-    dist.destroy()
+    finish()
 
 
 if __name__ == "__main__":

@@ -9,16 +9,16 @@ already holds `checkpoint/latest` resumes from it (README "Run directory", Resum
 
 from __future__ import annotations
 
-from src import checkpoint, dist
-from src.cli import cli, start_run, warn_ignored
-from src.datasets import ReaderDataset
+from src.cli import cli, finish, start_run, warn_ignored
+from src.data.datasets import ReaderDataset
+from src.data.offsets import QuestionFile
+from src.data.questions import require_targets
 from src.modeling import count_params, set_dropout
-from src.optim import unused_flags
 from src.options import Options
-from src.question_index import QuestionFile
-from src.questions import require_targets
-from src.reader import load_reader, reader_task
-from src.trainer import train
+from src.reader.task import load_reader, reader_task
+from src.train import checkpoint
+from src.train.optim import unused_flags
+from src.train.trainer import train
 
 # Every flag of the groups this script takes is used here; those optimisation flags that the
 # chosen --optim / --scheduler do not read get a warning when set (optim.unused_flags).
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> None:
     task = reader_task(opt, tokenizer, train_dataset, eval_dataset)
     train(task, model, tokenizer, opt, run_dir, resume_dir, logger)
     logger.info("done: checkpoints in %s", checkpoint.checkpoint_root(run_dir))
-    dist.destroy()
+    finish()
 
 
 if __name__ == "__main__":

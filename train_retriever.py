@@ -16,15 +16,15 @@ directories with the tokenizer, loadable by `generate_passage_embeddings.py
 
 from __future__ import annotations
 
-from src import checkpoint, dist
-from src.cli import cli, start_run, warn_ignored
-from src.datasets import RetrieverDataset
+from src.cli import cli, finish, start_run, warn_ignored
+from src.data.datasets import RetrieverDataset
+from src.data.offsets import QuestionFile
 from src.modeling import count_params, set_dropout
-from src.optim import unused_flags
 from src.options import Options
-from src.question_index import QuestionFile
-from src.retriever import load_retriever, retriever_task
-from src.trainer import train
+from src.retriever.task import load_retriever, retriever_task
+from src.train import checkpoint
+from src.train.optim import unused_flags
+from src.train.trainer import train
 
 # Every flag of the groups this script takes is used here; those optimisation flags that the
 # chosen --optim / --scheduler do not read get a warning when set (optim.unused_flags).
@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> None:
     task = retriever_task(opt, tokenizer, retriever, train_dataset, eval_dataset, logger)
     train(task, retriever, tokenizer, opt, run_dir, resume_dir, logger)
     logger.info("done: checkpoints in %s", checkpoint.checkpoint_root(run_dir))
-    dist.destroy()
+    finish()
 
 
 if __name__ == "__main__":

@@ -23,9 +23,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from src.embedding import embed_texts  # noqa: E402
-from src.retriever_model import Retriever, RetrieverConfig  # noqa: E402
-from src.tiny import build_word_tokenizer, tiny_bert_config  # noqa: E402
+from src.corpus.embeddings import embed_texts  # noqa: E402
+from src.retriever.model import Retriever, RetrieverConfig  # noqa: E402
+from src.toy.tiny_models import build_word_tokenizer, tiny_bert_config  # noqa: E402
 
 
 def make_texts(n: int, profile: str, words: list[str], seed: int = 0) -> list[str]:

@@ -15,7 +15,7 @@ close together, so they are the WORST case for the recall of the compressed kind
 embeddings cluster and recall better. Each (kind, N) runs in its own process, which makes
 the vectors in chunks from a seed (never the whole matrix) and reports its own peak RSS
 (VmHWM). Build = training + adding (making the vectors excluded); trained kinds learn
-from the first --train_sample vectors (src/index.py). ivfpq uses n_lists = 4 sqrt(N)
+from the first --train_sample vectors (src/corpus/faiss_index.py). ivfpq uses n_lists = 4 sqrt(N)
 (--lists_factor). Search is timed --search_repeats times: median (min-max).
 """
 
@@ -35,7 +35,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from src.index import Indexer  # noqa: E402
+from src.corpus.faiss_index import Indexer  # noqa: E402
 
 WIKIPEDIA = 21_015_324  # passages in psgs_w100.tsv
 RANKS = (1, 2, 4, 8)

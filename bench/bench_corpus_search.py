@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from src.index import Indexer  # noqa: E402
+from src.corpus.faiss_index import Indexer  # noqa: E402
 
 
 def numpy_search(x: np.ndarray, queries: np.ndarray, k: int, batch_size: int):

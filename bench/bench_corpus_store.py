@@ -64,7 +64,7 @@ def write_corpus(path: Path, n: int, seed: int = 0, short: bool = False) -> None
 
 def child(kind: str, path: str, n_lookups: int) -> dict:
     """Load one way, then time random lookups; prints a JSON line."""
-    from src.passages import PassageStore
+    from src.corpus.passages import PassageStore
 
     base = rss_bytes()
     t0 = time.perf_counter()

@@ -39,10 +39,10 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 from bench_reader import autocast, build, matmul_peak, sync  # noqa: E402
 
-from src.datasets import format_passage, format_question  # noqa: E402
-from src.scores import generate_with_scores  # noqa: E402
-from src.tiny import save_tiny_t5  # noqa: E402
-from src.toy import make_world  # noqa: E402
+from src.data.datasets import format_passage, format_question  # noqa: E402
+from src.reader.scores import generate_with_scores  # noqa: E402
+from src.toy.tiny_models import save_tiny_t5  # noqa: E402
+from src.toy.world import make_world  # noqa: E402
 
 PROFILES = ("dpr", "toy", "full")
 

@@ -8,7 +8,7 @@ Question files like DPR's: 100 ctxs per question, ~100-word texts, in write_ques
 layout (an indented JSON list), written to a temporary directory and deleted afterwards.
 "old" runs the scripts of the last commit (a `git worktree` of HEAD, which loads every
 question file whole, removed afterwards); "new" the working tree's (QuestionFile). The
-model is a tiny T5 (src/tiny.py), trained 2 steps / evaluated with 2 passages per question,
+model is a tiny T5 (src/toy/tiny_models.py), trained 2 steps / evaluated with 2 passages per question,
 so what grows with the file is the question file's share. Peak RSS is the process's
 maximum resident set (wait4's ru_maxrss); runs of old and new alternate, and each figure is
 the median (min–max) over --repeats. Needs several GB of RAM for "old" at 40k questions.
@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from src import question_index  # noqa: E402
-from src.tiny import save_tiny_t5  # noqa: E402
+from src.toy.tiny_models import save_tiny_t5  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(5000)] + ["the", "of", "and", "in", "city", "river"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}

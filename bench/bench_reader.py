@@ -28,8 +28,8 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from src.reader_model import FiDT5  # noqa: E402
-from src.scores import generate_with_scores
+from src.reader.model import FiDT5  # noqa: E402
+from src.reader.scores import generate_with_scores
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -5,7 +5,7 @@ same shards: identical results (checked), wall time and peak memory per process.
     python bench/bench_retrieval_dist.py --n 1000000 --queries 4000 --threads 8
 
 Synthetic shards (`--shards` files of random vectors) and precomputed question embeddings go
-through src/retrieval.py as the script runs them: each process indexes its share of the
+through src/corpus/search.py as the script runs them: each process indexes its share of the
 files (build_index), rank 0 sends the queries, every process searches its share
 (search_share) and rank 0 merges the top k (Searchers, merge_top_k). One process runs with
 2 x --threads OpenMP threads, each of the two with --threads: the same cores. The runs
@@ -34,8 +34,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from src import dist  # noqa: E402
-from src.embedding import write_shard  # noqa: E402
-from src.retrieval import Searchers, agree, build_index, embedding_files, share_of  # noqa: E402
+from src.corpus.embeddings import write_shard  # noqa: E402
+from src.corpus.search import Searchers, agree, build_index, embedding_files, share_of  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> None:

@@ -5,7 +5,7 @@ code before it, which built every output example with its passage texts in memor
     python bench/bench_retrieval_output.py --old /tmp/fid_old
     python bench/bench_retrieval_output.py --old /tmp/fid_old --sizes 1000 10000 50000 --passages 20000
 
-A synthetic world: a tiny BERT retriever (src/tiny.py), `--passages` passages of random
+A synthetic world: a tiny BERT retriever (src/toy/tiny_models.py), `--passages` passages of random
 words with random embedding shards written directly, questions whose answers are corpus
 words (so hasanswer and the accuracy do real work). For each size the two scripts run one
 after the other (old, new; the order flips every size) with --n-docs 100 and one hasanswer
@@ -34,9 +34,9 @@ from transformers import AutoTokenizer
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from src.embedding import write_shard  # noqa: E402
-from src.retriever_model import Retriever  # noqa: E402
-from src.tiny import save_tiny_bert  # noqa: E402
+from src.corpus.embeddings import write_shard  # noqa: E402
+from src.retriever.model import Retriever  # noqa: E402
+from src.toy.tiny_models import save_tiny_bert  # noqa: E402
 
 WORDS = [f"w{i}" for i in range(400)]
 

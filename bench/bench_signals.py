@@ -23,8 +23,8 @@ import torch
 import transformers
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from src.reader_model import FiDT5  # noqa: E402
-from src.scores import SCORE_KINDS, generate_with_scores  # noqa: E402
+from src.reader.model import FiDT5  # noqa: E402
+from src.reader.scores import SCORE_KINDS, generate_with_scores  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

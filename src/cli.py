@@ -13,9 +13,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import dist, runlock
-from .errors import InputError, RunDirectoryBusy
-from .options import ignored_flags, save_options
+from src import distributed as dist
+from src.errors import InputError, RunDirectoryBusy
+from src.options import ignored_flags, save_options
+from src.train import runlock
 
 logger = logging.getLogger("fid")
 
@@ -88,6 +89,12 @@ def warn_ignored(
     for name in ignored_flags(opt, tuple(reasons)):
         flag = flags.get(name, f"--{name}")
         log.warning("%s ignores %s (set to %r): %s", script, flag, getattr(opt, name), reasons[name])
+
+
+def finish() -> None:
+    """The end of every script: leave the process group and drop the run directory's lock."""
+    dist.destroy()
+    runlock.release()
 
 
 def cli(main) -> None:

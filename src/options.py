@@ -17,14 +17,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from .devices import PRECISIONS
-from .embedding import EMBEDDING_DTYPES
-from .files import atomic_write
-from .index import DEFAULT_SUBQUANTIZERS
-from .index import DEFAULTS as INDEX_DEFAULTS
-from .index import KINDS as INDEX_KINDS
-from .losses import LOSSES
-from .scores import SCORE_KINDS
+from src.corpus.embeddings import EMBEDDING_DTYPES
+from src.corpus.faiss_index import DEFAULT_SUBQUANTIZERS
+from src.corpus.faiss_index import DEFAULTS as INDEX_DEFAULTS
+from src.corpus.faiss_index import KINDS as INDEX_KINDS
+from src.devices import PRECISIONS
+from src.files import atomic_write
+from src.reader.scores import SCORE_KINDS
+from src.retriever.losses import LOSSES
 
 
 def positive_int(text: str) -> int:
@@ -243,7 +243,7 @@ class Options:
         g.add_argument("--n-bits", dest="n_bits", type=int, default=8, help="pq / ivfpq: bits per code")
 
     def add_index_options(self) -> None:
-        """passage_retrieval.py: which FAISS index (src/index.py's KINDS) and its settings."""
+        """passage_retrieval.py: which FAISS index (src/corpus/faiss_index.py's KINDS) and its settings."""
         g = self.parser.add_argument_group("index")
         g.add_argument(
             "--index_type",

@@ -24,9 +24,9 @@ import numpy as np
 import pytest
 
 from src.cli import cli, close_loggers
-from src.embedding import write_shard
-from src.retriever_model import Retriever
-from src.tiny import save_tiny_bert, save_tiny_t5
+from src.corpus.embeddings import write_shard
+from src.retriever.model import Retriever
+from src.toy.tiny_models import save_tiny_bert, save_tiny_t5
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "what color does anna boris like red blue green title context question".split()

@@ -13,12 +13,12 @@ import torch
 
 import generate_passage_embeddings
 import passage_retrieval
-from src.datasets import format_passage, format_question
-from src.embedding import embed_texts, read_shard, write_shard
-from src.passages import PassageStore
-from src.questions import load_questions
-from src.retriever_model import Retriever
-from src.tiny import save_tiny_bert
+from src.corpus.embeddings import embed_texts, read_shard, write_shard
+from src.corpus.passages import PassageStore
+from src.data.datasets import format_passage, format_question
+from src.data.questions import load_questions
+from src.retriever.model import Retriever
+from src.toy.tiny_models import save_tiny_bert
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data" / "corpus"

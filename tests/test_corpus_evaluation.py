@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from src.evaluation import dpr_tokens, has_answer, mean_em, retrieval_hits, top_k_accuracy, top_k_accuracy_at
+from src.metrics import dpr_tokens, has_answer, mean_em, retrieval_hits, top_k_accuracy, top_k_accuracy_at
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 
 from src.cli import cli
-from src.embedding import check_shard, read_shard, shard_path, shard_range, shards_of_process, write_shard
+from src.corpus.embeddings import check_shard, read_shard, shard_path, shard_range, shards_of_process, write_shard
+from src.corpus.faiss_index import IDS_FILE, INDEX_FILE, KINDS, Indexer, index_kind, index_signature, unused_index_flags
 from src.errors import EmbeddingFileError
-from src.index import IDS_FILE, INDEX_FILE, KINDS, Indexer, index_kind, index_signature, unused_index_flags
 from src.options import Options
 
 

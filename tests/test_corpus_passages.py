@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from src.corpus.passages import PassageStore, compact_ids
 from src.errors import PassageFileError
-from src.passages import PassageStore, compact_ids
 
 DATA = Path(__file__).parent / "data" / "corpus"
 

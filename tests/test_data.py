@@ -6,10 +6,10 @@ import math
 import pytest
 from transformers import AutoTokenizer
 
-from src.datasets import ReaderCollator, ReaderDataset, RetrieverCollator, RetrieverDataset, encode_targets
+from src.data.datasets import ReaderCollator, ReaderDataset, RetrieverCollator, RetrieverDataset, encode_targets
+from src.data.questions import iter_entries, load_questions, require_targets, write_questions
 from src.errors import DataError
-from src.questions import iter_entries, load_questions, require_targets, write_questions
-from src.tiny import build_word_tokenizer
+from src.toy.tiny_models import build_word_tokenizer
 
 
 @pytest.fixture(scope="module")

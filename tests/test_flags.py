@@ -19,12 +19,12 @@ import test_reader
 import train_reader
 import train_retriever
 from src.cli import close_loggers, warn_ignored
+from src.corpus.embeddings import read_shard, write_shard
 from src.devices import autocast, resolve_precision
-from src.embedding import read_shard, write_shard
-from src.optim import unused_flags
 from src.options import Options
-from src.retriever_model import Retriever
-from src.tiny import save_tiny_bert, save_tiny_t5
+from src.retriever.model import Retriever
+from src.toy.tiny_models import save_tiny_bert, save_tiny_t5
+from src.train.optim import unused_flags
 
 WORDS = "what color does anna boris clara like red blue green yellow question title context".split()
 

@@ -9,9 +9,9 @@ import torch
 import torch.distributed as torch_dist
 import torch.multiprocessing as mp
 
-from src.losses import emdr_loss, get_loss, kl_loss
-from src.retriever_model import Retriever, RetrieverConfig
-from src.tiny import tiny_bert_config
+from src.retriever.losses import emdr_loss, get_loss, kl_loss
+from src.retriever.model import Retriever, RetrieverConfig
+from src.toy.tiny_models import tiny_bert_config
 
 INF = math.inf
 

@@ -1,4 +1,4 @@
-"""Packing (src/packing.py) is exact: the length-bucketed encoder and the cross-attention
+"""Packing (src/reader/packing.py) is exact: the length-bucketed encoder and the cross-attention
 over real tokens only give the original padded path's states, losses, gradients,
 answers and every kind of passage score, up to float rounding."""
 
@@ -11,12 +11,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from src import packing
-from src.datasets import ReaderCollator, ReaderDataset
-from src.reader import count_passages, generate_answers, load_reader
-from src.reader_model import FiDT5
-from src.scores import SCORE_KINDS, generate_with_scores
-from src.tiny import save_tiny_t5, tiny_t5_config
+from src.data.datasets import ReaderCollator, ReaderDataset
+from src.reader import packing
+from src.reader.model import FiDT5
+from src.reader.scores import SCORE_KINDS, generate_with_scores
+from src.reader.task import count_passages, generate_answers, load_reader
+from src.toy.tiny_models import save_tiny_t5, tiny_t5_config
 
 VOCAB = 40
 EOS = 1

@@ -10,10 +10,10 @@ import pytest
 import torch
 from transformers import PreTrainedTokenizerFast, T5ForConditionalGeneration
 
-from src.convert import main
-from src.legacy import LEGACY_XATTN_BIAS_KEY
-from src.reader_model import FiDT5
-from src.scores import generate_with_scores
+from src.reader.convert import main
+from src.reader.legacy import LEGACY_XATTN_BIAS_KEY
+from src.reader.model import FiDT5
+from src.reader.scores import generate_with_scores
 
 MAX_LENGTH = 20  # the original's generate(max_length=20): start token included
 SCORE_TOL = 5e-5

@@ -22,9 +22,9 @@ from pathlib import Path
 import pytest
 
 import preprocess
-from src.datasets import ReaderCollator, ReaderDataset
+from src.data.datasets import ReaderCollator, ReaderDataset
+from src.data.questions import iter_entries, load_questions
 from src.errors import DataError
-from src.questions import iter_entries, load_questions
 
 ROOT = Path(__file__).resolve().parent.parent
 DATA = ROOT / "tests" / "data" / "preprocess"
@@ -517,7 +517,7 @@ def test_positional_call_means_fid():
 
 def test_converted_files_feed_the_reader(tmp_path, passages):
     """NQ from the recipe and a BM25 join go through the reader's dataset and collator unchanged."""
-    from src.tiny import build_word_tokenizer
+    from src.toy.tiny_models import build_word_tokenizer
 
     preprocess.main(["fid", str(DOWNLOAD), str(tmp_path / "out"), "--passages", str(passages), "--datasets", "NQ"])
     bm25 = run_bm25(tmp_path, passages, DATA / "bm25" / "run.nq-test.trec")
@@ -542,9 +542,9 @@ def test_converted_files_feed_passage_retrieval(tmp_path, passages):
 
     import generate_passage_embeddings
     import passage_retrieval
-    from src.datasets import format_passage
-    from src.retriever_model import Retriever
-    from src.tiny import save_tiny_bert
+    from src.data.datasets import format_passage
+    from src.retriever.model import Retriever
+    from src.toy.tiny_models import save_tiny_bert
 
     questions = tmp_path / "questions.json"
     preprocess.main(["questions", str(QA_CSV), str(questions)])

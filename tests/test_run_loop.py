@@ -1,5 +1,5 @@
-"""The toy world, its BM25, the tiny starting models, the loop's steps (src/loop.py) and
-report (src/report.py), and `run_loop.py --quick` end to end."""
+"""The toy world, its BM25, the tiny starting models, the loop's steps (src/toy/runner.py) and
+report (src/toy/report.py), and `run_loop.py --quick` end to end."""
 
 from __future__ import annotations
 
@@ -15,9 +15,11 @@ import numpy as np
 import pytest
 
 import run_loop
-from src import loop, report, toy
-from src.evaluation import has_answer, mean_em
-from src.questions import load_questions, read_ctxs, write_questions
+from src.data.questions import load_questions, read_ctxs, write_questions
+from src.metrics import has_answer, mean_em
+from src.toy import report
+from src.toy import runner as loop
+from src.toy import world as toy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -150,8 +152,8 @@ def _reader_em(model_dir: Path, questions: list[dict], n_context: int = 10, leng
     import torch
     from transformers import AutoTokenizer
 
-    from src.datasets import format_passage, format_question
-    from src.reader_model import FiDT5
+    from src.data.datasets import format_passage, format_question
+    from src.reader.model import FiDT5
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = FiDT5.load(model_dir).eval()
@@ -176,7 +178,7 @@ def test_word_matching_prior_reads_and_plain_init_does_not(world, tmp_path):
     import torch
     from transformers import T5ForConditionalGeneration
 
-    from src.tiny import build_word_tokenizer, tiny_t5_config
+    from src.toy.tiny_models import build_word_tokenizer, tiny_t5_config
 
     questions = [dict(q) for q in world.test]
     toy.add_bm25_ctxs(questions, world.passages, 10)
@@ -197,7 +199,7 @@ def test_build_retriever_is_a_loadable_retriever(world, tmp_path):
     import torch
     from transformers import AutoTokenizer
 
-    from src.retriever_model import Retriever
+    from src.retriever.model import Retriever
 
     path = toy.build_retriever(tmp_path / "retriever", world, dim=16)
     retriever = Retriever.from_pretrained(path).eval()
@@ -211,7 +213,7 @@ def test_build_retriever_is_a_loadable_retriever(world, tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# The loop's report: metrics and table (src/report.py)
+# The loop's report: metrics and table (src/toy/report.py)
 # ---------------------------------------------------------------------------
 
 
@@ -311,7 +313,7 @@ def test_write_report(tmp_path):
 
 
 # ---------------------------------------------------------------------------
-# The loop's steps (src/loop.py)
+# The loop's steps (src/toy/runner.py)
 # ---------------------------------------------------------------------------
 
 

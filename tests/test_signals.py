@@ -8,9 +8,9 @@ import torch
 from transformers import T5ForConditionalGeneration
 from transformers.modeling_outputs import BaseModelOutput
 
-from src.reader_model import FiDT5
-from src.scores import generate_with_scores
-from src.tiny import tiny_t5_config
+from src.reader.model import FiDT5
+from src.reader.scores import generate_with_scores
+from src.toy.tiny_models import tiny_t5_config
 
 VOCAB = 40
 

@@ -8,13 +8,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from src import losses, scores
 from src.options import Options
+from src.reader import scores
+from src.retriever import losses
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULES = {
     ".".join(p.relative_to(ROOT).with_suffix("").parts): p
-    for p in [*ROOT.glob("*.py"), *(ROOT / "src").glob("*.py")]
+    for p in [*ROOT.glob("*.py"), *(ROOT / "src").rglob("*.py")]
     if p.name != "__init__.py"
 }
 

@@ -6,13 +6,13 @@ import pytest
 import torch
 from transformers import T5ForConditionalGeneration
 
-from src import checkpoint
 from src.cli import set_seed
-from src.dist import init_distributed
-from src.optim import lr_lambda
+from src.distributed import init_distributed
 from src.options import Options
-from src.tiny import build_word_tokenizer, tiny_t5_config
-from src.trainer import EpochSampler, Task, train
+from src.toy.tiny_models import build_word_tokenizer, tiny_t5_config
+from src.train import checkpoint
+from src.train.optim import lr_lambda
+from src.train.trainer import EpochSampler, Task, train
 
 WORDS = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
 

@@ -12,7 +12,7 @@ import torch
 import transformers
 from torch import nn
 
-from .dist import gather_with_local_grad
+from src.distributed import gather_with_local_grad
 
 
 class RetrieverConfig(transformers.PretrainedConfig):

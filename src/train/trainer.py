@@ -24,9 +24,10 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
-from . import checkpoint, dist
-from .devices import autocast
-from .optim import set_optim
+from src import distributed as dist
+from src.devices import autocast
+from src.train import checkpoint, runlock
+from src.train.optim import set_optim
 
 
 class EpochSampler(Sampler[int]):
@@ -223,6 +224,7 @@ class Trainer:
                 checkpoint.checkpoint_root(self.run_dir) / "latest",
             )
             dist.destroy()
+            runlock.release()
             sys.exit(dist.EXIT_INTERRUPTED)
 
     def _evaluate(self) -> None:

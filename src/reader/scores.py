@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from transformers.modeling_outputs import BaseModelOutput
 
-from .legacy import legacy_xattn_bias
-from .questions import read_ctxs
+from src.data.questions import read_ctxs
+from src.reader.legacy import legacy_xattn_bias
 
 # ---------------------------------------------------------------------------
 # The registry

@@ -26,8 +26,8 @@ from typing import IO, Any, NamedTuple
 
 import numpy as np
 
-from .errors import DataError
-from .files import atomic_write
+from src.errors import DataError
+from src.files import atomic_write
 
 
 def utf8_error(path: str | Path) -> DataError:

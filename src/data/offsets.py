@@ -30,9 +30,9 @@ from typing import Any, BinaryIO, NamedTuple, NoReturn
 import numpy as np
 from tqdm import tqdm
 
-from .errors import DataError
-from .files import ProcessFile, atomic_write
-from .questions import Facts, check_questions, example_facts, rank_ctxs, validate_example
+from src.data.questions import Facts, check_questions, example_facts, rank_ctxs, validate_example
+from src.errors import DataError
+from src.files import ProcessFile, atomic_write
 
 logger = logging.getLogger("fid.questions")  # a child of the scripts' "fid" logger
 

@@ -31,8 +31,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
-from .files import atomic_write
-from .passages import compact_ids
+from src.corpus.passages import compact_ids
+from src.files import atomic_write
 
 logger = logging.getLogger("fid.index")  # a child of the scripts' "fid" logger
 

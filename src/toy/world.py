@@ -32,9 +32,9 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, T5ForConditionalGeneration
 
-from .evaluation import retrieval_hits, top_k_accuracy_at
-from .retriever_model import Retriever
-from .tiny import build_word_tokenizer, save_tiny_bert, tiny_t5_config
+from src.metrics import retrieval_hits, top_k_accuracy_at
+from src.retriever.model import Retriever
+from src.toy.tiny_models import build_word_tokenizer, save_tiny_bert, tiny_t5_config
 
 # ---------------------------------------------------------------------------
 # The world: entities, attributes, passages, questions

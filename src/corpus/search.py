@@ -36,13 +36,13 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from . import dist
-from .embedding import check_shard, read_shard
-from .errors import DataError, EmbeddingFileError
-from .evaluation import TopKAccuracy, question_hits
-from .index import IDS_FILE, INDEX_FILE, META_FILE, Indexer
-from .passages import PassageStore
-from .questions import iter_entries, validate_example
+from src import distributed as dist
+from src.corpus.embeddings import check_shard, read_shard
+from src.corpus.faiss_index import IDS_FILE, INDEX_FILE, META_FILE, Indexer
+from src.corpus.passages import PassageStore
+from src.data.questions import iter_entries, validate_example
+from src.errors import DataError, EmbeddingFileError
+from src.metrics import TopKAccuracy, question_hits
 
 EXACT_MARGIN = 16  # candidates beyond k that a flat index returns for rescoring
 SEARCH_BATCH = 2048  # queries per FAISS call (as Indexer.search_knn)

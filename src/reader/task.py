@@ -18,13 +18,13 @@ import torch
 from tqdm.auto import tqdm
 from transformers import AutoTokenizer
 
-from . import dist
-from .datasets import ReaderCollator, ReaderDataset
-from .devices import autocast
-from .evaluation import mean_em
-from .reader_model import FiDT5
-from .scores import generate_with_scores
-from .trainer import Task
+from src import distributed as dist
+from src.data.datasets import ReaderCollator, ReaderDataset
+from src.devices import autocast
+from src.metrics import mean_em
+from src.reader.model import FiDT5
+from src.reader.scores import generate_with_scores
+from src.train.trainer import Task
 
 logger = logging.getLogger("fid")
 

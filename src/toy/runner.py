@@ -17,11 +17,11 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import toy
-from .questions import load_questions, read_ctxs, write_questions
-from .report import ctxs_topk, reader_em, round_result, table, write_report, xattn_top1
+from src.data.questions import load_questions, read_ctxs, write_questions
+from src.toy import world as toy
+from src.toy.report import ctxs_topk, reader_em, round_result, table, write_report, xattn_top1
 
-SCRIPTS = Path(__file__).resolve().parents[1]  # the repository root: the scripts and `src`
+SCRIPTS = Path(__file__).resolve().parents[2]  # the repository root: the scripts and `src`
 
 # ---------------------------------------------------------------------------
 # Running the scripts

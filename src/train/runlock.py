@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import RunDirectoryBusy
+from src.errors import RunDirectoryBusy
 
 LOCK_FILE = "run.lock"
 

@@ -13,9 +13,9 @@ import transformers
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
-from . import legacy, packing
-from .modeling import check_model_path, config_model_type
-from .packing import EncodedPassages
+from src.modeling import check_model_path, config_model_type
+from src.reader import legacy, packing
+from src.reader.packing import EncodedPassages
 
 
 class FiDT5(transformers.T5ForConditionalGeneration):

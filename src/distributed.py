@@ -19,8 +19,6 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from . import runlock
-
 logger = logging.getLogger("fid")
 
 # Set by SIGUSR1 (SLURM sends it near the time limit): the trainer saves and requeues.
@@ -163,10 +161,9 @@ def gather_objects(obj: Any, group: Any = None) -> list[Any]:
 
 
 def destroy() -> None:
-    """End of a script: leave the process group and drop the run directory's lock."""
+    """Leave the process group (every rank, at the end of a script)."""
     if is_distributed():
         dist.destroy_process_group()
-    runlock.release()
 
 
 def gather_with_local_grad(t: torch.Tensor) -> torch.Tensor:

@@ -15,8 +15,8 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from .errors import DataError
-from .questions import facts, read_ctxs
+from src.data.questions import facts, read_ctxs
+from src.errors import DataError
 
 logger = logging.getLogger("fid")
 

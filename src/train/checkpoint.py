@@ -21,9 +21,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import dist
-from .files import atomic_directory, clean_interrupted, complete_or_old
-from .options import options_dict
+from src import distributed as dist
+from src.files import atomic_directory, clean_interrupted, complete_or_old
+from src.options import options_dict
 
 logger = logging.getLogger("fid")
 

@@ -13,9 +13,9 @@ import random
 import resource
 from pathlib import Path
 
-from .evaluation import has_answer, mean_em, retrieval_hits, top_k_accuracy_at
-from .files import atomic_write
-from .questions import read_ctxs
+from src.data.questions import read_ctxs
+from src.files import atomic_write
+from src.metrics import has_answer, mean_em, retrieval_hits, top_k_accuracy_at
 
 KS = (1, 5, 20)
 

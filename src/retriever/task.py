@@ -11,14 +11,14 @@ import transformers
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from . import dist
-from .datasets import RetrieverCollator, RetrieverDataset
-from .devices import autocast
-from .evaluation import per_question_ranking_metrics
-from .losses import get_loss
-from .modeling import check_model_path
-from .retriever_model import Retriever, RetrieverConfig, is_saved_retriever
-from .trainer import Task
+from src import distributed as dist
+from src.data.datasets import RetrieverCollator, RetrieverDataset
+from src.devices import autocast
+from src.metrics import per_question_ranking_metrics
+from src.modeling import check_model_path
+from src.retriever.losses import get_loss
+from src.retriever.model import Retriever, RetrieverConfig, is_saved_retriever
+from src.train.trainer import Task
 
 logger = logging.getLogger("fid")
 

@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from .errors import PassageFileError
-from .files import ProcessFile, atomic_write
+from src.errors import PassageFileError
+from src.files import ProcessFile, atomic_write
 
 logger = logging.getLogger("fid.passages")  # a child of the scripts' "fid" logger
 

@@ -1,6 +1,6 @@
 """Convert a checkpoint of the original FiD code (README "Released checkpoints"):
 
-    python -m src.convert convert-legacy pretrained_models/nq_reader_base nq_reader_base_ours --legacy_bias keep
+    python -m src.reader.convert convert-legacy pretrained_models/nq_reader_base nq_reader_base_ours --legacy_bias keep
 
 `keep` writes our format with 3.0.2's cross-attention bias recorded in the config (the
 original's answers, exactly); `drop` writes plain modern T5 weights without it.
@@ -14,9 +14,9 @@ import shutil
 import sys
 from pathlib import Path
 
-from . import legacy
-from .files import atomic_directory
-from .reader_model import FiDT5
+from src.files import atomic_directory
+from src.reader import legacy
+from src.reader.model import FiDT5
 
 # Everything `save_pretrained` of a tokenizer may write; copied along by convert-legacy.
 TOKENIZER_FILES = (
@@ -64,7 +64,7 @@ def convert_legacy(src: str | Path, dst: str | Path, legacy_bias: str, logger: l
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m src.convert", description="FiD reader checkpoint tools (no network needed)."
+        prog="python -m src.reader.convert", description="FiD reader checkpoint tools (no network needed)."
     )
     commands = parser.add_subparsers(dest="command", required=True)
     convert = commands.add_parser(

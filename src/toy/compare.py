@@ -16,10 +16,10 @@ import json
 import time
 from pathlib import Path
 
-from .files import atomic_write
-from .loop import Runner, embed_and_retrieve, prepare, test_reader, train_reader, train_retriever
-from .questions import load_questions
-from .report import KS, ctxs_topk, fmt
+from src.data.questions import load_questions
+from src.files import atomic_write
+from src.toy.report import KS, ctxs_topk, fmt
+from src.toy.runner import Runner, embed_and_retrieve, prepare, test_reader, train_reader, train_retriever
 
 DEFAULT_SIGNALS = ("xattn", "pdist", "loop", "answer_logprob")
 LOSS_OF = {"answer_logprob": "emdr"}  # the loss each signal is meant for; kl otherwise

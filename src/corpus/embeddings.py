@@ -28,10 +28,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .devices import precision_autocast
-from .errors import EmbeddingFileError
-from .files import atomic_write
-from .passages import compact_ids
+from src.corpus.passages import compact_ids
+from src.devices import precision_autocast
+from src.errors import EmbeddingFileError
+from src.files import atomic_write
 
 logger = logging.getLogger("fid.embedding")  # a child of the scripts' "fid" logger
 
