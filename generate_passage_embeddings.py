@@ -16,6 +16,7 @@ refused there). Without torchrun, run one process per shard, --device picking th
 
 from __future__ import annotations
 
+import argparse
 import os
 import time
 
@@ -35,8 +36,8 @@ from src.corpus.passages import PassageStore
 from src.data.datasets import format_passage
 from src.devices import default_device, resolve_precision
 from src.errors import DataError, PassageFileError
-from src.options import Options
-from src.retriever.task import load_retriever
+from src.options import Options, config_from
+from src.retriever.task import EncoderChoice, load_retriever
 
 # Shared option groups: accepted (the original's scripts shared them), unused here: no run
 # directory (the shards go to --output_path), no process group flags (torchrun's variables
@@ -56,7 +57,7 @@ IGNORED = (
 )
 
 
-def get_options(argv=None):
+def parse_options(argv=None) -> tuple[Options, argparse.Namespace]:
     options = Options(
         "Embed the passages of a .tsv with a trained retriever, one shard per process (or torchrun rank)."
     )
@@ -70,7 +71,11 @@ def get_options(argv=None):
         action="store_true",
         help="batch passages in file order with fixed padding to --passage_maxlength (the original's way; slower)",
     )
-    return options.parse(argv)
+    return options, options.parse(argv)
+
+
+def get_options(argv=None) -> argparse.Namespace:
+    return parse_options(argv)[1]
 
 
 def open_store(opt) -> PassageStore:
@@ -89,9 +94,9 @@ def open_store(opt) -> PassageStore:
 
 
 def main(argv=None) -> None:
-    opt = get_options(argv)
+    options, opt = parse_options(argv)
     logger = init_logger(None)
-    warn_ignored(opt, IGNORED, logger)
+    warn_ignored(opt, options.given, IGNORED, logger)
     if not opt.passages:
         raise DataError("--passages is required (a .tsv with columns id, text, title)")
     if opt.model_path in (None, "none"):
@@ -103,20 +108,21 @@ def main(argv=None) -> None:
         )
     except ValueError as e:
         raise DataError(str(e)) from None
-    if world_size > 1:
-        dist.init_distributed(opt)  # opt.device: cuda:LOCAL_RANK (CPU without GPUs or with --device cpu)
+    if world_size > 1:  # cuda:LOCAL_RANK (CPU without GPUs or with --device cpu)
+        device = dist.init_distributed(opt.device, opt.local_rank, opt.main_port).device
     else:
-        opt.device = default_device(opt.device)
-    opt.precision = resolve_precision(opt.precision, opt.device)
+        device = default_device(opt.device)
+    precision = resolve_precision(opt.precision, device)
     try:
         store = open_store(opt)
-        model, tokenizer = load_retriever(opt.model_path, opt, logger, trained=True)
-        model = model.eval().to(opt.device)
+        choice = config_from(EncoderChoice, opt, given=set(options.given))
+        model, tokenizer = load_retriever(opt.model_path, choice, logger, trained=True)
+        model = model.eval().to(device)
         fixed_padding = opt.no_sort_by_length or pools_over_padding(model, "passage")
         logger.info(
             "device %s, %s, batch %d, %s, %s embeddings; shards %s of %d",
-            opt.device,
-            opt.precision,
+            device,
+            precision,
             opt.per_gpu_batch_size,
             "fixed padding" if fixed_padding else "length-sorted batches with dynamic padding",
             opt.embedding_dtype,
@@ -124,7 +130,7 @@ def main(argv=None) -> None:
             num_shards,
         )
         for shard_id in shard_ids:
-            embed_shard(opt, store, model, tokenizer, shard_id, num_shards, fixed_padding, logger)
+            embed_shard(opt, device, precision, store, model, tokenizer, shard_id, num_shards, fixed_padding, logger)
         dist.barrier()  # every shard written before rank 0 says so
         if world_size > 1 and dist.get_rank() == 0:
             logger.info("all %d shards written by %d processes", num_shards, world_size)
@@ -132,7 +138,9 @@ def main(argv=None) -> None:
         finish()
 
 
-def embed_shard(opt, store, model, tokenizer, shard_id: int, num_shards: int, fixed_padding: bool, logger) -> None:
+def embed_shard(
+    opt, device, precision: str, store, model, tokenizer, shard_id: int, num_shards: int, fixed_padding: bool, logger
+) -> None:
     start, end = shard_range(len(store), shard_id, num_shards)
     output = shard_path(opt.output_path, shard_id)
     logger.info(
@@ -154,8 +162,8 @@ def embed_shard(opt, store, model, tokenizer, shard_id: int, num_shards: int, fi
             texts,
             batch_size=opt.per_gpu_batch_size,
             max_length=opt.passage_maxlength,
-            device=opt.device,
-            precision=opt.precision,
+            device=device,
+            precision=precision,
             sort_by_length=not opt.no_sort_by_length,
             pad_to_max_length=fixed_padding,
             progress=bar,

@@ -21,6 +21,7 @@ recomputes `hasanswer` and top-k accuracy of any retrieval file (ours, DPR's, BM
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import logging
 import logging.handlers
@@ -56,8 +57,8 @@ from src.data.datasets import format_question
 from src.data.questions import check_questions, write_questions
 from src.devices import default_device, resolve_precision
 from src.errors import DataError, PassageFileError
-from src.options import Options, positive_int
-from src.retriever.task import load_retriever
+from src.options import Options, config_from, positive_int
+from src.retriever.task import EncoderChoice, load_retriever
 
 # Shared option groups and the original's command lines: accepted, unused here. No run
 # directory (the log goes beside --output_path), no process group flags (torchrun's
@@ -102,7 +103,7 @@ RETRIEVAL_ONLY = (
 )
 
 
-def get_options(argv=None):
+def parse_options(argv=None) -> tuple[Options, argparse.Namespace]:
     options = Options("Retrieve passages for questions with a trained retriever and a FAISS index.")
     options.add_retrieval_options()
     options.add_index_options()
@@ -129,7 +130,11 @@ def get_options(argv=None):
         "number of questions (default: 256 x --per_gpu_batch_size, the window in which questions are sorted "
         "by length into embedding batches, so the embeddings are those of one call over the whole file)",
     )
-    return options.parse(argv)
+    return options, options.parse(argv)
+
+
+def get_options(argv=None) -> argparse.Namespace:
+    return parse_options(argv)[1]
 
 
 def get_index(files: list[str], dim: int, opt, logger: logging.Logger, rank: int = 0, world_size: int = 1) -> Indexer:
@@ -185,24 +190,25 @@ class HeldLog:
 
 
 def main(argv=None) -> None:
-    opt = get_options(argv)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_distributed(opt)  # opt.device: cuda:LOCAL_RANK (CPU without GPUs or with --device cpu)
+    options, opt = parse_options(argv)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # cuda:LOCAL_RANK (CPU without GPUs or with --device cpu)
+        runtime = dist.init_distributed(opt.device, opt.local_rank, opt.main_port)
     else:
-        opt.rank, opt.world_size, opt.is_main = 0, 1, True
+        runtime = dist.Runtime(device=default_device(opt.device))
+    opt.rank, opt.world_size, opt.is_main = runtime.rank, runtime.world_size, runtime.is_main
     logger = init_logger(None, opt.is_main)
     log = HeldLog(opt.output_path if opt.is_main else None, logger)
     try:
         if opt.is_main:
-            warn_ignored(opt, IGNORED, logger)
+            warn_ignored(opt, options.given, IGNORED, logger)
             if opt.evaluate_only:
-                warn_ignored(opt, RETRIEVAL_ONLY, logger, reason="--evaluate_only retrieves nothing")
+                warn_ignored(opt, options.given, RETRIEVAL_ONLY, logger, reason="--evaluate_only retrieves nothing")
             else:
-                warn_ignored(opt, unused_index_flags(opt), logger)
+                warn_ignored(opt, options.given, unused_index_flags(opt), logger)
         if not opt.data:
             raise DataError("--data (or --data_path) is required: the question file")
         if not opt.evaluate_only:
-            retrieve(opt, logger, log)
+            retrieve(opt, config_from(EncoderChoice, opt, given=set(options.given)), logger, log)
         elif opt.is_main:  # the other processes have nothing to do
             evaluate(opt, logger, log)
     finally:
@@ -231,7 +237,7 @@ def evaluate(opt, logger: logging.Logger, log: HeldLog) -> None:
         logger.info("wrote %s", opt.output_path)
 
 
-def prepare(opt, logger: logging.Logger, main_state: dict) -> tuple[int | None, list[str]]:
+def prepare(opt, choice: EncoderChoice, logger: logging.Logger, main_state: dict) -> tuple[int | None, list[str]]:
     """Every process: check the flags and find the shards. Rank 0 first checks the questions,
     opens the passages and loads the retriever (into `main_state`). Returns (dim on rank 0,
     the shard files)."""
@@ -251,7 +257,7 @@ def prepare(opt, logger: logging.Logger, main_state: dict) -> tuple[int | None, 
     files = embedding_files(opt.passages_embeddings, opt.allow_pickle_embeddings)
     opt.device = default_device(opt.device)
     opt.precision = resolve_precision(opt.precision, opt.device)
-    model, main_state["tokenizer"] = load_retriever(opt.model_path, opt, logger, trained=True)
+    model, main_state["tokenizer"] = load_retriever(opt.model_path, choice, logger, trained=True)
     main_state["model"] = model.eval().to(opt.device)
     logger.info("embedding questions on %s in %s", opt.device, opt.precision)
     return model.dim, files
@@ -273,10 +279,10 @@ def question_embedder(model, tokenizer, opt) -> Callable[[list[dict]], np.ndarra
     return embed
 
 
-def retrieve(opt, logger: logging.Logger, log: HeldLog) -> None:
+def retrieve(opt, choice: EncoderChoice, logger: logging.Logger, log: HeldLog) -> None:
     group = dist.object_group()
     main_state: dict = {}
-    (dim, files), *others = agree(lambda: prepare(opt, logger, main_state), group)
+    (dim, files), *others = agree(lambda: prepare(opt, choice, logger, main_state), group)
     if any(theirs != files for _, theirs in others):
         raise DataError("the processes see different shard files for --passages_embeddings (no shared file system?)")
     share = share_of(files, opt.rank, opt.world_size)

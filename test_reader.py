@@ -22,9 +22,9 @@ from src.data.datasets import ReaderCollator, ReaderDataset
 from src.data.offsets import QuestionFile
 from src.data.questions import require_targets, write_questions
 from src.files import atomic_write
-from src.options import Options
+from src.options import Options, config_from
 from src.reader.scores import SCORE_KINDS, attach_scores
-from src.reader.task import exact_match, generate_answers, load_reader
+from src.reader.task import ReaderConfig, exact_match, generate_answers, load_reader
 
 # Shared option groups: accepted (the original's scripts shared them), unused here. Nothing
 # here draws a random number (greedy or beam decoding), so --seed changes nothing.
@@ -62,18 +62,27 @@ def main(argv: list[str] | None = None) -> None:
     examples = QuestionFile(opt.eval_data, opt.maxload, rank=True)
     if opt.write_crossattention_scores and SCORE_KINDS[opt.score_kind].needs_target:
         require_targets(examples, opt.eval_data, why=f"--score_kind {opt.score_kind} scores the gold answer")
-    run_dir, logger = start_run(opt, ignored=IGNORED)
+    run_dir, logger, runtime = start_run(opt, options, ignored=IGNORED)
     if not opt.write_crossattention_scores:
-        warn_ignored(opt, SCORES_ONLY, logger)
+        warn_ignored(opt, options.given, SCORES_ONLY, logger)
 
     dataset = ReaderDataset(examples, opt.n_context, opt.no_title, source=opt.eval_data, first_answer=True)
-    model, tokenizer = load_reader(opt.model_path, opt, logger)
-    model = model.to(opt.device)
+    fallback_tokenizer = opt.model_name_or_path or f"t5-{opt.model_size}"
+    model, tokenizer = load_reader(
+        opt.model_path, opt.tokenizer_name_or_path, fallback_tokenizer, packing=not opt.no_packing, log=logger
+    )
+    model = model.to(runtime.device)
     collator = ReaderCollator(tokenizer, opt.text_maxlength, opt.n_context)
-    logger.info("evaluating %s: %d examples, %d processes", opt.eval_data, len(examples), opt.world_size)
+    logger.info("evaluating %s: %d examples, %d processes", opt.eval_data, len(examples), runtime.world_size)
 
     results = generate_answers(
-        model, tokenizer, dataset, collator, opt, with_scores=opt.write_crossattention_scores, desc="test"
+        model,
+        tokenizer,
+        dataset,
+        collator,
+        config_from(ReaderConfig, opt),
+        with_scores=opt.write_crossattention_scores,
+        desc="test",
     )
     em, n = exact_match(results, examples)
     if em is None:
@@ -81,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         logger.info("EM %.5f over %d examples with answers (%s)", em, n, opt.eval_data)
 
-    if opt.is_main:
+    if runtime.is_main:
         if opt.write_results:
             with atomic_write(run_dir / "final_output.txt") as f:
                 for r in results:

@@ -14,8 +14,8 @@ from src.data.datasets import ReaderDataset
 from src.data.offsets import QuestionFile
 from src.data.questions import require_targets
 from src.modeling import count_params, set_dropout
-from src.options import Options
-from src.reader.task import load_reader, reader_task
+from src.options import Options, config_from, train_config
+from src.reader.task import ReaderConfig, load_reader, reader_task
 from src.train import checkpoint
 from src.train.optim import unused_flags
 from src.train.trainer import train
@@ -31,8 +31,9 @@ def main(argv: list[str] | None = None) -> None:
     options.add_optim_options()
     options.mark_ignored(IGNORED)
     opt = options.parse(argv)
-    run_dir, logger = start_run(opt, lock=True, ignored=IGNORED)
-    warn_ignored(opt, unused_flags(opt), logger)
+    run_dir, logger, runtime = start_run(opt, options, lock=True, ignored=IGNORED)
+    train_cfg, reader_cfg = train_config(opt), config_from(ReaderConfig, opt)
+    warn_ignored(opt, options.given, unused_flags(train_cfg.optim), logger)
 
     # Data first: a bad file should fail before a large model loads. Read on demand: each
     # process holds only the offsets of the examples (README "Question format").
@@ -43,16 +44,20 @@ def main(argv: list[str] | None = None) -> None:
     eval_dataset = ReaderDataset(eval_examples, opt.n_context, opt.no_title, source=opt.eval_data)
     logger.info("%d training examples, %d dev examples", len(train_dataset), len(eval_dataset))
 
-    model_dir, resume_dir = checkpoint.start_point(opt, run_dir, default_model=f"t5-{opt.model_size}")
+    default_model = f"t5-{opt.model_size}"
+    model_dir, resume_dir = checkpoint.start_point(run_dir, opt.model_path, opt.model_name_or_path, default_model)
     logger.info("model weights from %s%s", model_dir, " (resuming)" if resume_dir else "")
-    model, tokenizer = load_reader(model_dir, opt, logger)
+    fallback_tokenizer = opt.model_name_or_path or default_model
+    model, tokenizer = load_reader(
+        model_dir, opt.tokenizer_name_or_path, fallback_tokenizer, packing=not opt.no_packing, log=logger
+    )
     set_dropout(model, opt.dropout)
     model.set_checkpoint(opt.use_checkpoint)
-    model = model.to(opt.device)
-    logger.info("reader: %.1fM parameters on %s", count_params(model) / 1e6, opt.device)
+    model = model.to(runtime.device)
+    logger.info("reader: %.1fM parameters on %s", count_params(model) / 1e6, runtime.device)
 
-    task = reader_task(opt, tokenizer, train_dataset, eval_dataset)
-    train(task, model, tokenizer, opt, run_dir, resume_dir, logger)
+    task = reader_task(reader_cfg, tokenizer, train_dataset, eval_dataset)
+    train(task, model, tokenizer, train_cfg, runtime, run_dir, resume_dir, logger)
     logger.info("done: checkpoints in %s", checkpoint.checkpoint_root(run_dir))
     finish()
 

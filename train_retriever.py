@@ -20,8 +20,8 @@ from src.cli import cli, finish, start_run, warn_ignored
 from src.data.datasets import RetrieverDataset
 from src.data.offsets import QuestionFile
 from src.modeling import count_params, set_dropout
-from src.options import Options
-from src.retriever.task import load_retriever, retriever_task
+from src.options import Options, config_from, train_config
+from src.retriever.task import EncoderChoice, RetrieverTaskConfig, load_retriever, retriever_task
 from src.train import checkpoint
 from src.train.optim import unused_flags
 from src.train.trainer import train
@@ -37,8 +37,9 @@ def main(argv: list[str] | None = None) -> None:
     options.add_optim_options()
     options.mark_ignored(IGNORED)
     opt = options.parse(argv)
-    run_dir, logger = start_run(opt, lock=True, ignored=IGNORED)
-    warn_ignored(opt, unused_flags(opt), logger)
+    run_dir, logger, runtime = start_run(opt, options, lock=True, ignored=IGNORED)
+    train_cfg = train_config(opt)
+    warn_ignored(opt, options.given, unused_flags(train_cfg.optim), logger)
 
     # Data first: a bad file should fail before a large model loads. Read on demand: each
     # process holds only the offsets of the examples (README "Question format").
@@ -48,15 +49,18 @@ def main(argv: list[str] | None = None) -> None:
     eval_dataset = RetrieverDataset(eval_examples, opt.n_context, opt.no_title, source=opt.eval_data)
     logger.info("%d training questions, %d dev questions", len(train_dataset), len(eval_dataset))
 
-    model_dir, resume_dir = checkpoint.start_point(opt, run_dir, default_model="bert-base-uncased")
+    model_dir, resume_dir = checkpoint.start_point(
+        run_dir, opt.model_path, opt.model_name_or_path, default_model="bert-base-uncased"
+    )
     logger.info("retriever weights from %s%s", model_dir, " (resuming)" if resume_dir else "")
-    retriever, tokenizer = load_retriever(model_dir, opt, logger)
+    retriever, tokenizer = load_retriever(model_dir, config_from(EncoderChoice, opt, given=set(options.given)), logger)
     set_dropout(retriever, opt.dropout)
-    retriever = retriever.to(opt.device)
-    logger.info("retriever: %.1fM parameters on %s", count_params(retriever) / 1e6, opt.device)
+    retriever = retriever.to(runtime.device)
+    logger.info("retriever: %.1fM parameters on %s", count_params(retriever) / 1e6, runtime.device)
 
-    task = retriever_task(opt, tokenizer, retriever, train_dataset, eval_dataset, logger)
-    train(task, retriever, tokenizer, opt, run_dir, resume_dir, logger)
+    task_cfg = config_from(RetrieverTaskConfig, opt)
+    task = retriever_task(task_cfg, runtime, tokenizer, retriever, train_dataset, eval_dataset, logger)
+    train(task, retriever, tokenizer, train_cfg, runtime, run_dir, resume_dir, logger)
     logger.info("done: checkpoints in %s", checkpoint.checkpoint_root(run_dir))
     finish()
 

@@ -44,7 +44,7 @@ def worker(args: argparse.Namespace) -> None:
         indexing_batch_size=50000, n_subquantizers=0, n_bits=8, index_type="flat", allow_pickle_embeddings=False
     )
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_distributed(types.SimpleNamespace(local_rank=-1, main_port=-1, device="cpu"))
+        dist.init_distributed("cpu")
     group = dist.object_group()
     rank, world = dist.get_rank(), dist.get_world_size()
     files = embedding_files(str(Path(args.dir) / "wiki_*"))

@@ -14,8 +14,9 @@ import numpy as np
 import torch
 
 from src import distributed as dist
+from src.distributed import Runtime
 from src.errors import InputError, RunDirectoryBusy
-from src.options import ignored_flags, save_options
+from src.options import Options, save_options
 from src.train import runlock
 
 logger = logging.getLogger("fid")
@@ -56,11 +57,11 @@ def set_seed(seed: int) -> None:
 
 
 def start_run(
-    opt, lock: bool = False, ignored: tuple[str, ...] | Mapping[str, str] = ()
-) -> tuple[Path, logging.Logger]:
+    opt, options: Options, lock: bool = False, ignored: tuple[str, ...] | Mapping[str, str] = ()
+) -> tuple[Path, logging.Logger, Runtime]:
     """The start of every training/evaluation script: process group, seed (offset by rank so
     ranks draw different dropout), run directory `checkpoint_dir/name`, logger (run.log on
-    rank 0), and the options saved as opt.log / options.json. Returns (run_dir, logger).
+    rank 0), and the options saved as opt.log / options.json. Returns (run_dir, logger, runtime).
 
     With `lock` (training), global rank 0 first takes the run directory's lock, so a second
     run on the same directory stops before it touches anything (see runlock.py).
@@ -69,26 +70,30 @@ def start_run(
     run_dir = Path(opt.checkpoint_dir) / opt.name
     if lock and int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
         runlock.acquire(run_dir)
-    dist.init_distributed(opt)
-    set_seed(opt.seed + opt.rank)
-    log = init_logger(run_dir, opt.is_main)
-    warn_ignored(opt, ignored, log)
-    if opt.is_main:
-        save_options(opt, run_dir)
-    return run_dir, log
+    runtime = dist.init_distributed(opt.device, opt.local_rank, opt.main_port)
+    set_seed(opt.seed + runtime.rank)
+    log = init_logger(run_dir, runtime.is_main)
+    warn_ignored(opt, options.given, ignored, log)
+    if runtime.is_main:
+        save_options(opt, options.defaults, run_dir)
+    return run_dir, log, runtime
 
 
 def warn_ignored(
-    opt, ignored: tuple[str, ...] | Mapping[str, str], log: logging.Logger = logger, reason: str = SHARED
+    opt,
+    given: Mapping[str, str],
+    ignored: tuple[str, ...] | Mapping[str, str],
+    log: logging.Logger = logger,
+    reason: str = SHARED,
 ) -> None:
     """One warning for each flag of `ignored` (option dests) that the user set to something
-    other than its default. `ignored`: names, all for `reason`, or {name: reason}."""
+    other than its default (`given`: Options.given). `ignored`: names, all for `reason`, or
+    {name: reason}."""
     reasons = dict(ignored) if isinstance(ignored, Mapping) else dict.fromkeys(ignored, reason)
     script = Path(sys.argv[0]).name
-    flags = getattr(opt, "_flags", {})
-    for name in ignored_flags(opt, tuple(reasons)):
-        flag = flags.get(name, f"--{name}")
-        log.warning("%s ignores %s (set to %r): %s", script, flag, getattr(opt, name), reasons[name])
+    for name, why in reasons.items():
+        if name in given:
+            log.warning("%s ignores %s (set to %r): %s", script, given[name], getattr(opt, name), why)
 
 
 def finish() -> None:

@@ -40,8 +40,3 @@ def precision_autocast(precision: str | None, device: str | torch.device | None 
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=DTYPES[precision])
-
-
-def autocast(opt) -> contextlib.AbstractContextManager:
-    """Mixed precision from `opt.precision` on `opt.device` (the run's device); fp32 is a no-op."""
-    return precision_autocast(getattr(opt, "precision", "fp32"), getattr(opt, "device", None) or "cpu")

@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import threading
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,7 +30,7 @@ INTERRUPTED = {"signal": None}
 EXIT_INTERRUPTED = 128 + signal.SIGTERM  # 143: the shell's "terminated by SIGTERM"
 
 
-def _slurm_env(opt) -> bool:
+def _slurm_env(main_port: int = -1) -> bool:
     """Fill torchrun-style variables from SLURM's when launched by `srun` (not under torchrun)."""
     if "SLURM_PROCID" not in os.environ or "RANK" in os.environ:
         return False
@@ -43,7 +44,7 @@ def _slurm_env(opt) -> bool:
         nodes = subprocess.check_output(["scontrol", "show", "hostnames", os.environ["SLURM_JOB_NODELIST"]])
         os.environ["MASTER_ADDR"] = nodes.split()[0].decode()
     if "MASTER_PORT" not in os.environ:
-        os.environ["MASTER_PORT"] = str(opt.main_port if opt.main_port > 0 else 29500)
+        os.environ["MASTER_PORT"] = str(main_port if main_port > 0 else 29500)
     return True
 
 
@@ -84,25 +85,42 @@ def requeue_slurm_job() -> None:
         subprocess.run(["scontrol", "requeue", job], check=False)
 
 
-def init_distributed(opt) -> None:
-    """Set opt.rank, opt.world_size, opt.local_rank, opt.is_main, opt.is_distributed, opt.device."""
-    from_slurm = _slurm_env(opt)
+@dataclass(frozen=True)
+class Runtime:
+    """Where this process runs: what the process-group setup found (never written into the options)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def init_distributed(device: str | None = None, local_rank: int = -1, main_port: int = -1) -> Runtime:
+    """Join the process group of torchrun / srun (one process: none) and pick this rank's device:
+    `device` ("cpu", "cuda", "cuda:1") if given, else cuda:LOCAL_RANK when CUDA is available."""
+    from_slurm = _slurm_env(main_port)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    opt.rank = int(os.environ.get("RANK", "0"))
-    opt.local_rank = int(os.environ.get("LOCAL_RANK", max(opt.local_rank, 0)))
-    opt.world_size = world_size
-    opt.is_distributed = world_size > 1
-    opt.is_main = opt.rank == 0
-    use_cuda = torch.cuda.is_available() and getattr(opt, "device", None) != "cpu"
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", max(local_rank, 0)))
+    use_cuda = torch.cuda.is_available() and device != "cpu"
     if use_cuda:
-        torch.cuda.set_device(opt.local_rank)
-        opt.device = torch.device("cuda", opt.local_rank)
+        torch.cuda.set_device(local_rank)
+        where = torch.device("cuda", local_rank)
     else:
-        opt.device = torch.device("cpu")
-    if opt.is_distributed and not dist.is_initialized():
+        where = torch.device("cpu")
+    if world_size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if use_cuda else "gloo", init_method="env://")
     if "SLURM_JOB_ID" in os.environ or from_slurm:
         signal.signal(signal.SIGUSR1, _on_sigusr1)
+    return Runtime(rank=rank, world_size=world_size, local_rank=local_rank, device=where)
 
 
 def is_distributed() -> bool:

@@ -13,9 +13,10 @@ and take `--no_fp16` for `--precision fp32`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from src.corpus.embeddings import EMBEDDING_DTYPES
 from src.corpus.faiss_index import DEFAULT_SUBQUANTIZERS
@@ -25,6 +26,9 @@ from src.devices import PRECISIONS
 from src.files import atomic_write
 from src.reader.scores import SCORE_KINDS
 from src.retriever.losses import LOSSES
+from src.train.config import OptimConfig, TrainConfig
+
+T = TypeVar("T")
 
 
 def positive_int(text: str) -> int:
@@ -308,9 +312,15 @@ class Options:
             action.help = text
 
     def parse(self, argv: list[str] | None = None) -> argparse.Namespace:
+        """The parsed flags; `self.given` then maps each flag the user set to something other
+        than its default (dest) to its spelling (`--n-docs`)."""
         opt = self.parser.parse_args(argv)
-        opt._defaults = {a.dest: a.default for a in self.parser._actions if a.dest != "help"}
-        opt._flags = {a.dest: a.option_strings[0] for a in self.parser._actions if a.option_strings}
+        self.defaults = {a.dest: a.default for a in self.parser._actions if a.dest != "help"}
+        self.given = {
+            a.dest: a.option_strings[0]
+            for a in self.parser._actions
+            if a.option_strings and a.dest in vars(opt) and getattr(opt, a.dest) != a.default
+        }
         if getattr(opt, "no_fp16", False):
             if opt.precision not in (None, "fp32"):
                 self.parser.error(f"--no_fp16 means --precision fp32; it contradicts --precision {opt.precision}")
@@ -318,18 +328,10 @@ class Options:
         return opt
 
 
-def ignored_flags(opt: argparse.Namespace, names: tuple[str, ...]) -> list[str]:
-    """Those of `names` that the user set to something other than their default."""
-    defaults = getattr(opt, "_defaults", {})
-    return [n for n in names if n in defaults and getattr(opt, n) != defaults[n]]
-
-
 def options_dict(opt: argparse.Namespace) -> dict[str, Any]:
     """The options as plain JSON-able data (what checkpoints and opt.log store)."""
     out = {}
     for key, value in vars(opt).items():
-        if key.startswith("_"):
-            continue
         if isinstance(value, (str, int, float, bool)) or value is None:
             out[key] = value
         elif isinstance(value, (list, tuple)):
@@ -339,8 +341,7 @@ def options_dict(opt: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def format_options(opt: argparse.Namespace) -> str:
-    defaults = getattr(opt, "_defaults", {})
+def format_options(opt: argparse.Namespace, defaults: dict[str, Any]) -> str:
     lines = []
     for key, value in sorted(options_dict(opt).items()):
         mark = f"\t[default: {defaults[key]}]" if key in defaults and defaults[key] != value else ""
@@ -348,11 +349,25 @@ def format_options(opt: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
-def save_options(opt: argparse.Namespace, run_dir: str | Path) -> None:
+def save_options(opt: argparse.Namespace, defaults: dict[str, Any], run_dir: str | Path) -> None:
     """opt.log (readable, non-defaults marked) and options.json (plain data) in the run directory."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     with atomic_write(run_dir / "opt.log") as f:
-        f.write(format_options(opt) + "\n")
+        f.write(format_options(opt, defaults) + "\n")
     with atomic_write(run_dir / "options.json") as f:
         json.dump(options_dict(opt), f, indent=1, sort_keys=True)
+
+
+# -- typed configs: the one place where flags become the settings `src` code takes ---------
+
+
+def config_from(cls: type[T], opt: argparse.Namespace, **overrides: Any) -> T:
+    """A dataclass `cls` whose fields take the values of the flags of the same names (a field
+    without a flag keeps its default; `overrides` win)."""
+    values = {f.name: getattr(opt, f.name) for f in dataclasses.fields(cls) if hasattr(opt, f.name)}
+    return cls(**{**values, **overrides})
+
+
+def train_config(opt: argparse.Namespace) -> TrainConfig:
+    return config_from(TrainConfig, opt, optim=config_from(OptimConfig, opt), options=options_dict(opt))

@@ -20,7 +20,7 @@ import train_reader
 import train_retriever
 from src.cli import close_loggers, warn_ignored
 from src.corpus.embeddings import read_shard, write_shard
-from src.devices import autocast, resolve_precision
+from src.devices import precision_autocast, resolve_precision
 from src.options import Options
 from src.retriever.model import Retriever
 from src.toy.tiny_models import save_tiny_bert, save_tiny_t5
@@ -303,7 +303,7 @@ def test_warn_ignored_names_the_flag_as_typed():
 
     log = logging.getLogger("test_flags")
     log.addHandler(Keep())
-    warn_ignored(opt, ("n_docs", "data", "n_bits"), log)  # n_bits: left at its default
+    warn_ignored(opt, options.given, ("n_docs", "data", "n_bits"), log)  # n_bits: left at its default
     assert len(records) == 2
     assert "ignores --n-docs (set to 5)" in records[0] and "ignores --data (set to 'q.json')" in records[1]
 
@@ -340,12 +340,10 @@ def test_precision_is_the_same_autocast_in_every_script():
     assert training.parse([]).precision == "fp32"  # training and test scripts: fp32 unless asked
     for get_options in CORPUS_PARSERS:
         opt = get_options(["--precision", "bf16"])
-        opt.device = torch.device("cpu")
-        with autocast(opt):
+        with precision_autocast(opt.precision, "cpu"):
             assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
         opt = get_options(["--no_fp16"])
-        opt.device = torch.device("cpu")
-        with autocast(opt):
+        with precision_autocast(opt.precision, "cpu"):
             assert not torch.is_autocast_enabled("cpu")
 
 

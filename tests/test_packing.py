@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -15,7 +14,7 @@ from src.data.datasets import ReaderCollator, ReaderDataset
 from src.reader import packing
 from src.reader.model import FiDT5
 from src.reader.scores import SCORE_KINDS, generate_with_scores
-from src.reader.task import count_passages, generate_answers, load_reader
+from src.reader.task import ReaderConfig, count_passages, generate_answers, load_reader
 from src.toy.tiny_models import save_tiny_t5, tiny_t5_config
 
 VOCAB = 40
@@ -214,14 +213,10 @@ def test_legacy_bias_models_keep_the_padded_layout_and_the_parity(parity_dir):
 def test_no_packing_flag_and_throughput_in_the_logs(tmp_path, caplog):
     """--no_packing reaches the model; evaluation logs questions/s and the passages it read."""
     model_dir = save_tiny_t5(tmp_path / "t5", ["what color red blue anna likes question: title: context:"])
-    opt = SimpleNamespace(
-        no_packing=True, tokenizer_name_or_path=None, per_gpu_batch_size=2, num_workers=0, generation_max_length=4,
-        num_beams=1, eval_print_freq=0, precision="fp32", device="cpu",
-    )  # fmt: skip
-    model, tokenizer = load_reader(str(model_dir), opt)
+    config = ReaderConfig(per_gpu_batch_size=2, generation_max_length=4, eval_print_freq=0)
+    model, tokenizer = load_reader(str(model_dir), None, "t5-small", packing=False)
     assert model.packing is False
-    opt.no_packing = False
-    model, tokenizer = load_reader(str(model_dir), opt)
+    model, tokenizer = load_reader(str(model_dir), None, "t5-small")
     assert model.packing is True
     examples = [
         {
@@ -236,6 +231,6 @@ def test_no_packing_flag_and_throughput_in_the_logs(tmp_path, caplog):
     collator = ReaderCollator(tokenizer, 16, 3)
     assert count_passages(collator([dataset[0], dataset[1]])) == 4
     with caplog.at_level(logging.INFO, logger="fid"):
-        results = generate_answers(model, tokenizer, dataset, collator, opt, desc="test")
+        results = generate_answers(model, tokenizer, dataset, collator, config, desc="test")
     assert [r["index"] for r in results] == [0, 1, 2]
     assert "test: 3 questions, 6 passages in" in caplog.text and "questions/s" in caplog.text

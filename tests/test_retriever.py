@@ -20,9 +20,10 @@ from src.metrics import (
     question_ranking_metrics,
     ranking_metrics,
 )
+from src.options import config_from
 from src.retriever.losses import kl_loss
 from src.retriever.model import Retriever, RetrieverConfig, is_saved_retriever
-from src.retriever.task import load_retriever
+from src.retriever.task import EncoderChoice, load_retriever
 from src.toy.tiny_models import save_tiny_bert
 
 TEXTS = [
@@ -254,8 +255,8 @@ def _opt(**kw):
         no_passage_mask=False,
     )
     opt = argparse.Namespace(**{**base, **kw})
-    opt._defaults = dict(base)
-    return opt
+    given = {name for name, value in kw.items() if value != base[name]}
+    return config_from(EncoderChoice, opt, given=given)
 
 
 def test_load_from_options(bert_dir, tmp_path, caplog):

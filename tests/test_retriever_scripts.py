@@ -3,7 +3,6 @@ DDP with two processes (gloo), whole-dev-set metrics, bad input."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -19,10 +18,11 @@ from transformers import AutoTokenizer
 
 from src.data.datasets import RetrieverCollator, RetrieverDataset
 from src.data.questions import rank_ctxs
+from src.distributed import Runtime
 from src.metrics import ranking_metrics
 from src.retriever.losses import kl_loss
 from src.retriever.model import Retriever
-from src.retriever.task import evaluate
+from src.retriever.task import RetrieverTaskConfig, evaluate
 from src.toy.tiny_models import save_tiny_bert
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,11 +155,8 @@ def test_dev_metrics_cover_the_whole_dev_set(setup):
         rank_ctxs(ex)  # as train_retriever.py loads them
     dataset = RetrieverDataset(examples, 4)
     collator = RetrieverCollator(tokenizer, 4, 8, 16)
-    opt = argparse.Namespace(
-        rank=0, world_size=1, per_gpu_batch_size=3, num_workers=0, device=torch.device("cpu"), precision="fp32",
-        is_main=True, eval_print_freq=1000, temperature_gold=1.0, temperature_score=1.0, retriever_loss="kl",
-    )  # fmt: skip
-    metrics = evaluate(retriever, dataset, collator, opt, logging.getLogger("test"))
+    config = RetrieverTaskConfig(per_gpu_batch_size=3)
+    metrics = evaluate(retriever, dataset, collator, config, Runtime(), logging.getLogger("test"))
 
     # All 7 questions in one batch, by the pure functions.
     _, q_ids, q_mask, p_ids, p_mask, gold = collator([dataset[i] for i in range(len(dataset))])

@@ -8,7 +8,7 @@ from transformers import T5ForConditionalGeneration
 
 from src.cli import set_seed
 from src.distributed import init_distributed
-from src.options import Options
+from src.options import Options, train_config
 from src.toy.tiny_models import build_word_tokenizer, tiny_t5_config
 from src.train import checkpoint
 from src.train.optim import lr_lambda
@@ -21,9 +21,7 @@ def make_opt(tmp_path, *args):
     options = Options()
     options.add_optim_options()
     options.parser.add_argument("--train_data", default="none")
-    opt = options.parse(["--checkpoint_dir", str(tmp_path), "--device", "cpu", *args])
-    init_distributed(opt)
-    return opt
+    return options.parse(["--checkpoint_dir", str(tmp_path), "--device", "cpu", *args])
 
 
 def test_linear_schedule_warmup_and_decay(tmp_path):
@@ -98,7 +96,8 @@ def run(tmp_path, name, total_steps, losses, tokenizer, kill_at=None):
 
     logger = logging.getLogger("fid")
     task = Task(Seq2SeqData(tokenizer), collate, loss_fn, eval_fn, metric="loss", higher_is_better=False)
-    return train(task, model, tokenizer, opt, run_dir, resume, logger)
+    runtime = init_distributed("cpu")
+    return train(task, model, tokenizer, train_config(opt), runtime, run_dir, resume, logger)
 
 
 @pytest.mark.parametrize("kill_at, saved_at", [(7, 6), (5, 4)])
@@ -144,11 +143,11 @@ def test_start_point_resumes_unless_model_path_changes(tmp_path):
     tokenizer = build_word_tokenizer(WORDS, "t5")
     run(tmp_path, "r", 3, [], tokenizer)
     latest = checkpoint.latest(tmp_path / "r")
-    opt = make_opt(tmp_path, "--model_name_or_path", "t5-small")
-    assert checkpoint.start_point(opt, tmp_path / "r", "t5-base") == (str(latest), latest)
-    assert checkpoint.start_point(opt, tmp_path / "fresh", "t5-base") == ("t5-small", None)
-    opt.model_path = "some/other/reader"  # not what the run started from: a fresh start
-    assert checkpoint.start_point(opt, tmp_path / "r", "t5-base") == ("some/other/reader", None)
-    opt.model_path = "none"
-    opt.model_name_or_path = None
-    assert checkpoint.start_point(opt, tmp_path / "fresh", "t5-base") == ("t5-base", None)
+    assert checkpoint.start_point(tmp_path / "r", "none", "t5-small", "t5-base") == (str(latest), latest)
+    assert checkpoint.start_point(tmp_path / "fresh", "none", "t5-small", "t5-base") == ("t5-small", None)
+    # not what the run started from: a fresh start
+    assert checkpoint.start_point(tmp_path / "r", "some/other/reader", "t5-small", "t5-base") == (
+        "some/other/reader",
+        None,
+    )
+    assert checkpoint.start_point(tmp_path / "fresh", "none", None, "t5-base") == ("t5-base", None)

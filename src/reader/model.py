@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,6 +17,22 @@ from transformers.modeling_outputs import BaseModelOutput
 from src.modeling import check_model_path, config_model_type
 from src.reader import legacy, packing
 from src.reader.packing import EncodedPassages
+
+
+@dataclass(frozen=True)
+class ReaderVariant:
+    """How a saved reader computes beyond plain T5: fields of its config.json, read here and
+    nowhere else (the scorers and packing ask the model's `variant`)."""
+
+    legacy_xattn_bias: bool = False  # fid_legacy_xattn_bias: 3.0.2's cross-attention position bias
+    legacy_layer_norm: bool = False  # fid_legacy_layer_norm: 3.0.2's RMS-norm arithmetic
+
+    @classmethod
+    def of(cls, config: transformers.PretrainedConfig) -> ReaderVariant:
+        return cls(
+            legacy_xattn_bias=bool(getattr(config, "fid_legacy_xattn_bias", False)),
+            legacy_layer_norm=bool(getattr(config, "fid_legacy_layer_norm", False)),
+        )
 
 
 class FiDT5(transformers.T5ForConditionalGeneration):
@@ -37,17 +54,18 @@ class FiDT5(transformers.T5ForConditionalGeneration):
     rounding only). See `FiDT5.load`.
     """
 
-    def __init__(self, config: transformers.T5Config):
+    def __init__(self, config: transformers.T5Config, packing: bool = True):
         super().__init__(config)
-        self.packing = True  # a run-time choice (--no_packing), not saved with the model
-        if getattr(config, "fid_legacy_xattn_bias", False):
+        self.packing = packing  # a run-time choice (--no_packing), not saved with the model
+        self.variant = ReaderVariant.of(config)
+        if self.variant.legacy_xattn_bias:
             legacy.enable_legacy_xattn_bias(self)
-        if getattr(config, "fid_legacy_layer_norm", False):
+        if self.variant.legacy_layer_norm:
             legacy.enable_legacy_layer_norm(self)
 
     @property
     def has_legacy_xattn_bias(self) -> bool:
-        return bool(getattr(self.config, "fid_legacy_xattn_bias", False))
+        return self.variant.legacy_xattn_bias
 
     # -- encoder ---------------------------------------------------------------
 
@@ -132,7 +150,9 @@ class FiDT5(transformers.T5ForConditionalGeneration):
     # -- loading and saving ----------------------------------------------------
 
     @classmethod
-    def load(cls, path: str | Path, logger: logging.Logger | None = None, **from_pretrained_kwargs) -> FiDT5:
+    def load(
+        cls, path: str | Path, logger: logging.Logger | None = None, packing: bool = True, **from_pretrained_kwargs
+    ) -> FiDT5:
         """A FiDT5 from a plain T5 (hub name or directory), a directory saved by this
         code, or a checkpoint saved by the original FiD code (transformers 3.0.2: encoder
         keys under `encoder.encoder.` with `.module.` in the block keys). Logs which kind
@@ -149,7 +169,9 @@ class FiDT5(transformers.T5ForConditionalGeneration):
                 raise ValueError(f"{local}: config.json is a {model_type} model, not a T5 / FiD reader checkpoint")
             original = legacy.original_fid_state(local)
             if original is not None:
-                return legacy.load_original_fid(cls, local, original, log)
+                model = legacy.load_original_fid(cls, local, original, log)
+                model.packing = packing
+                return model
             try:
                 keys = legacy.checkpoint_keys(local)
             except Exception as e:  # a corrupt or truncated weights file: safetensors/torch errors of all kinds
@@ -162,6 +184,7 @@ class FiDT5(transformers.T5ForConditionalGeneration):
         # from autocast, --precision); transformers 5 would otherwise keep the saved dtype.
         from_pretrained_kwargs.setdefault("dtype", torch.float32)
         model = cls.from_pretrained(str(path), **from_pretrained_kwargs)
+        model.packing = packing
         if model.has_legacy_xattn_bias:
             if keys is not None and legacy.LEGACY_XATTN_BIAS_KEY not in keys:
                 raise ValueError(

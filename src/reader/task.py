@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +21,30 @@ from transformers import AutoTokenizer
 
 from src import distributed as dist
 from src.data.datasets import ReaderCollator, ReaderDataset
-from src.devices import autocast
+from src.devices import precision_autocast
 from src.metrics import mean_em
 from src.reader.model import FiDT5
 from src.reader.scores import generate_with_scores
 from src.train.trainer import Task
 
 logger = logging.getLogger("fid")
+
+
+@dataclass(frozen=True)
+class ReaderConfig:
+    """How the reader reads, answers and scores: the run-time choices of train_reader.py and
+    test_reader.py (the model's own choices live in its saved config)."""
+
+    n_context: int = 1
+    text_maxlength: int = 200
+    answer_maxlength: int = -1
+    per_gpu_batch_size: int = 1
+    num_workers: int = 0
+    eval_print_freq: int = 1000
+    precision: str = "fp32"
+    generation_max_length: int = 50
+    num_beams: int = 1
+    score_kind: str = "xattn"
 
 
 def has_tokenizer(path: str | Path) -> bool:
@@ -36,13 +54,13 @@ def has_tokenizer(path: str | Path) -> bool:
     )
 
 
-def tokenizer_source(opt, model_dir: str | Path | None) -> str:
-    """--tokenizer_name_or_path, else the model directory when it holds a tokenizer, else t5-<model_size>."""
-    if opt.tokenizer_name_or_path:
-        return opt.tokenizer_name_or_path
+def tokenizer_source(model_dir: str | Path | None, tokenizer: str | None, fallback: str) -> str:
+    """`tokenizer` (--tokenizer_name_or_path), else the model directory when it holds a
+    tokenizer, else `fallback` (--model_name_or_path or t5-<model_size>)."""
+    if tokenizer:
+        return tokenizer
     if model_dir is not None and (has_tokenizer(model_dir) or not os.path.exists(model_dir)):
         return str(model_dir)  # a local dir with a tokenizer, or a hub name
-    fallback = opt.model_name_or_path if opt.model_name_or_path else f"t5-{opt.model_size}"
     logger.warning("%s holds no tokenizer: using %s", model_dir, fallback)
     return fallback
 
@@ -51,14 +69,15 @@ def load_tokenizer(source: str):
     return AutoTokenizer.from_pretrained(source)
 
 
-def load_reader(model_dir: str, opt, log: logging.Logger = logger):
+def load_reader(
+    model_dir: str, tokenizer: str | None, fallback_tokenizer: str, packing: bool = True, log: logging.Logger = logger
+):
     """(reader, tokenizer): the model first, so that a directory without one says so rather
-    than that its tokenizer is missing."""
-    model = FiDT5.load(model_dir, logger=log)
-    model.packing = not getattr(opt, "no_packing", False)
-    if not model.packing:
+    than that its tokenizer is missing. `packing`: the run-time choice of --no_packing."""
+    model = FiDT5.load(model_dir, logger=log, packing=packing)
+    if not packing:
         log.info("--no_packing: passages padded to --text_maxlength, cross-attention over padding too")
-    return model, load_tokenizer(tokenizer_source(opt, model_dir))
+    return model, load_tokenizer(tokenizer_source(model_dir, tokenizer, fallback_tokenizer))
 
 
 def reader_loss(model, batch) -> torch.Tensor:
@@ -78,7 +97,7 @@ def generate_answers(
     tokenizer,
     dataset: ReaderDataset,
     collator: ReaderCollator,
-    opt,
+    config: ReaderConfig,
     with_scores: bool = False,
     desc: str = "eval",
 ) -> list[dict[str, Any]]:
@@ -92,22 +111,22 @@ def generate_answers(
     mine = list(range(rank, len(dataset), world))
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(dataset, mine),
-        batch_size=opt.per_gpu_batch_size,
+        batch_size=config.per_gpu_batch_size,
         collate_fn=collator,
-        num_workers=opt.num_workers,
+        num_workers=config.num_workers,
     )
     results = []
     bar = tqdm(loader, desc=desc, disable=not dist.is_main(), dynamic_ncols=True, unit="batch")
     t0, n_passages = time.perf_counter(), 0
     for i, batch in enumerate(bar):
         index, context_ids, context_mask = batch.index, batch.context_ids.to(device), batch.context_mask.to(device)
-        kwargs = {"max_length": opt.generation_max_length, "num_beams": getattr(opt, "num_beams", 1)}
+        kwargs = {"max_length": config.generation_max_length, "num_beams": config.num_beams}
         if with_scores and batch.labels is not None:
             kwargs["labels"] = batch.labels.to(device)  # the likelihood kinds score the gold answer
-        with autocast(opt):
+        with precision_autocast(config.precision, device):
             if with_scores:
                 generated, scores = generate_with_scores(
-                    model, context_ids, context_mask, score_kind=getattr(opt, "score_kind", "xattn"), **kwargs
+                    model, context_ids, context_mask, score_kind=config.score_kind, **kwargs
                 )
             else:
                 generated = model.generate(input_ids=context_ids, attention_mask=context_mask, **kwargs)
@@ -121,7 +140,7 @@ def generate_answers(
         n_passages += count_passages(batch)
         rate = _throughput(len(results), n_passages, time.perf_counter() - t0)
         bar.set_postfix_str(rate, refresh=False)
-        if opt.eval_print_freq > 0 and (i + 1) % opt.eval_print_freq == 0:
+        if config.eval_print_freq > 0 and (i + 1) % config.eval_print_freq == 0:
             logger.info("%s: %d/%d batches, %s", desc, i + 1, len(loader), rate)
     if dist.is_main() and results:
         elapsed = time.perf_counter() - t0
@@ -148,15 +167,15 @@ def exact_match(results: list[dict[str, Any]], examples: list[dict[str, Any]]) -
     return mean_em([r["answer"] for r in results], [examples[r["index"]].get("answers") for r in results])
 
 
-def reader_task(opt, tokenizer, train_dataset: ReaderDataset, eval_dataset: ReaderDataset) -> Task:
+def reader_task(config: ReaderConfig, tokenizer, train_dataset: ReaderDataset, eval_dataset: ReaderDataset) -> Task:
     """What train_reader.py trains: best_dev by dev exact match (greedy answers)."""
     # Evaluation sees no target (it generates), so the label length is irrelevant there.
-    collator = ReaderCollator(tokenizer, opt.text_maxlength, opt.n_context, opt.answer_maxlength)
+    collator = ReaderCollator(tokenizer, config.text_maxlength, config.n_context, config.answer_maxlength)
 
     def dev_metrics(model) -> dict[str, float]:
         if not len(eval_dataset):
             return {}
-        results = generate_answers(model, tokenizer, eval_dataset, collator, opt, desc="dev")
+        results = generate_answers(model, tokenizer, eval_dataset, collator, config, desc="dev")
         em, _ = exact_match(results, eval_dataset.examples)
         return {} if em is None else {"exact_match": em}
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Collection
+from dataclasses import dataclass
 
 import torch
 import transformers
@@ -13,7 +15,8 @@ from tqdm.auto import tqdm
 
 from src import distributed as dist
 from src.data.datasets import RetrieverCollator, RetrieverDataset
-from src.devices import autocast
+from src.devices import precision_autocast
+from src.distributed import Runtime
 from src.metrics import per_question_ranking_metrics
 from src.modeling import check_model_path
 from src.retriever.losses import get_loss
@@ -25,11 +28,45 @@ logger = logging.getLogger("fid")
 RANKING_KS = (1, 2, 5)
 
 
-def load_retriever(model_dir: str, opt=None, log: logging.Logger = logger, trained: bool = False):
+@dataclass(frozen=True)
+class EncoderChoice:
+    """How a fresh retriever is built around an encoder (`--indexing_dimension --no_projection
+    --extract_cls --no_question_mask --no_passage_mask`); a saved retriever keeps its own.
+    `given`: the flags the user set (a saved retriever says when they ask otherwise)."""
+
+    indexing_dimension: int = 768
+    no_projection: bool = False
+    extract_cls: bool = False
+    no_question_mask: bool = False
+    no_passage_mask: bool = False
+    tokenizer_name_or_path: str | None = None
+    given: Collection[str] = ()
+
+
+@dataclass(frozen=True)
+class RetrieverTaskConfig:
+    """How the retriever learns and is evaluated in train_retriever.py."""
+
+    n_context: int = 1
+    question_maxlength: int = 40
+    passage_maxlength: int = 200
+    per_gpu_batch_size: int = 1
+    num_workers: int = 0
+    eval_print_freq: int = 1000
+    precision: str = "fp32"
+    retriever_loss: str = "kl"
+    temperature_gold: float = 1.0
+    temperature_score: float = 1.0
+    in_batch_negatives: bool = False
+
+
+def load_retriever(
+    model_dir: str, choice: EncoderChoice = EncoderChoice(), log: logging.Logger = logger, trained: bool = False
+):
     """(retriever, tokenizer) from `model_dir`: a retriever saved by train_retriever.py, or
     (unless `trained`) any BERT-like encoder (hub name or directory), around which a fresh
     retriever is built with `--indexing_dimension --no_projection --extract_cls
-    --no_question_mask --no_passage_mask` from `opt`. A saved retriever keeps its own
+    --no_question_mask --no_passage_mask` from `choice`. A saved retriever keeps its own
     settings (its trained projection included) and says so when a flag asks otherwise.
     Tokenizer: `--tokenizer_name_or_path`, else `model_dir`."""
     model_dir = str(model_dir)
@@ -47,18 +84,17 @@ def load_retriever(model_dir: str, opt=None, log: logging.Logger = logger, train
         raise FileNotFoundError(f"{model_dir}: no config.json, not a retriever or encoder (BERT-like) directory")
     if is_saved_retriever(model_dir):
         retriever = Retriever.from_pretrained(model_dir, dtype=torch.float32)
-        if opt is not None:
-            _warn_if_options_differ(retriever.config, opt, model_dir, log)
+        _warn_if_options_differ(retriever.config, choice, model_dir, log)
     else:
         retriever = Retriever.from_encoder(
             model_dir,
-            indexing_dimension=getattr(opt, "indexing_dimension", 768),
-            projection=not getattr(opt, "no_projection", False),
-            extract_cls=getattr(opt, "extract_cls", False),
-            apply_question_mask=not getattr(opt, "no_question_mask", False),
-            apply_passage_mask=not getattr(opt, "no_passage_mask", False),
+            indexing_dimension=choice.indexing_dimension,
+            projection=not choice.no_projection,
+            extract_cls=choice.extract_cls,
+            apply_question_mask=not choice.no_question_mask,
+            apply_passage_mask=not choice.no_passage_mask,
         )
-    tokenizer_dir = getattr(opt, "tokenizer_name_or_path", None) or model_dir
+    tokenizer_dir = choice.tokenizer_name_or_path or model_dir
     tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
     c = retriever.config
     log.info(
@@ -74,10 +110,9 @@ def load_retriever(model_dir: str, opt=None, log: logging.Logger = logger, train
     return retriever, tokenizer
 
 
-def _warn_if_options_differ(config: RetrieverConfig, opt, model_dir: str, log: logging.Logger) -> None:
+def _warn_if_options_differ(config: RetrieverConfig, choice: EncoderChoice, model_dir: str, log) -> None:
     """A saved retriever keeps the embedding it was trained with; say so when a flag set
     on the command line asks for another one."""
-    defaults = getattr(opt, "_defaults", {})
     flags = {  # flag: (config field, value the flag asks for)
         "no_projection": ("projection", lambda v: not v),
         "indexing_dimension": ("indexing_dimension", lambda v: v),
@@ -86,9 +121,9 @@ def _warn_if_options_differ(config: RetrieverConfig, opt, model_dir: str, log: l
         "no_passage_mask": ("apply_passage_mask", lambda v: not v),
     }
     for flag, (field, asked) in flags.items():
-        if flag not in defaults or getattr(opt, flag) == defaults[flag]:
+        if flag not in choice.given:
             continue  # not set by the user
-        if getattr(config, field) != asked(getattr(opt, flag)):
+        if getattr(config, field) != asked(getattr(choice, flag)):
             trained = getattr(config, field)
             log.warning("%s was trained with %s=%s: keeping it and ignoring --%s", model_dir, field, trained, flag)
 
@@ -101,45 +136,47 @@ def to_device(batch, device: torch.device):
     )
 
 
-def make_loss(opt):
+def make_loss(config: RetrieverTaskConfig, device: torch.device):
     """The training loss step: `--retriever_loss` of the scores against the reader's gold
     scores, with the batch's other passages as negatives under `--in_batch_negatives`."""
-    loss_fn = get_loss(opt.retriever_loss)
+    loss_fn = get_loss(config.retriever_loss)
 
     def loss(model, batch) -> torch.Tensor:
-        question_ids, question_mask, passage_ids, passage_mask, gold = to_device(batch, opt.device)
-        scores, negatives = model(question_ids, question_mask, passage_ids, passage_mask, opt.in_batch_negatives)
-        return loss_fn(scores, gold, opt.temperature_gold, opt.temperature_score, negatives)
+        question_ids, question_mask, passage_ids, passage_mask, gold = to_device(batch, device)
+        scores, negatives = model(question_ids, question_mask, passage_ids, passage_mask, config.in_batch_negatives)
+        return loss_fn(scores, gold, config.temperature_gold, config.temperature_score, negatives)
 
     return loss
 
 
 @torch.no_grad()
-def evaluate(model: Retriever, dataset, collator, opt, logger) -> dict[str, float]:
+def evaluate(
+    model: Retriever, dataset, collator, config: RetrieverTaskConfig, runtime: Runtime, logger
+) -> dict[str, float]:
     """Dev metrics over the whole dev set (each rank takes every world_size-th question,
     sums added over ranks): the --retriever_loss, mean inversions, avg/idx top-k (k = 1, 2, 5)."""
-    loss_fn = get_loss(opt.retriever_loss)
+    loss_fn = get_loss(config.retriever_loss)
     was_training = model.training
     model.eval()
-    shard = torch.utils.data.Subset(dataset, range(opt.rank, len(dataset), opt.world_size))
+    shard = torch.utils.data.Subset(dataset, range(runtime.rank, len(dataset), runtime.world_size))
     loader = DataLoader(
-        shard, batch_size=opt.per_gpu_batch_size, shuffle=False, collate_fn=collator, num_workers=opt.num_workers
+        shard, batch_size=config.per_gpu_batch_size, shuffle=False, collate_fn=collator, num_workers=config.num_workers
     )
     names = ["loss", "inversions"] + [f"{m}_top{k}" for m in ("avg", "idx") for k in RANKING_KS]
     sums = dict.fromkeys(names, 0.0)  # sums over this rank's questions
     count = 0
-    for i, batch in enumerate(tqdm(loader, desc="dev", disable=not opt.is_main, leave=False)):
-        question_ids, question_mask, passage_ids, passage_mask, gold = to_device(batch, opt.device)
-        with autocast(opt):
+    for i, batch in enumerate(tqdm(loader, desc="dev", disable=not runtime.is_main, leave=False)):
+        question_ids, question_mask, passage_ids, passage_mask, gold = to_device(batch, runtime.device)
+        with precision_autocast(config.precision, runtime.device):
             scores, _ = model(question_ids, question_mask, passage_ids, passage_mask)
         # Loss in fp32, never with in-batch negatives; batch mean × batch size, so the result
         # is the mean over all questions.
-        loss = loss_fn(scores.float(), gold, opt.temperature_gold, opt.temperature_score)
+        loss = loss_fn(scores.float(), gold, config.temperature_gold, config.temperature_score)
         sums["loss"] += loss.item() * len(gold)
         for name, values in per_question_ranking_metrics(scores, gold, RANKING_KS).items():
             sums[name] += float(values.sum())
         count += len(gold)
-        if opt.eval_print_freq > 0 and (i + 1) % opt.eval_print_freq == 0:
+        if config.eval_print_freq > 0 and (i + 1) % config.eval_print_freq == 0:
             logger.info("dev: %d / %d batches", i + 1, len(loader))
     *totals, total_count = dist.sum_over_ranks([sums[name] for name in names] + [float(count)])
     metrics = {name: total / max(total_count, 1.0) for name, total in zip(names, totals)}
@@ -148,18 +185,28 @@ def evaluate(model: Retriever, dataset, collator, opt, logger) -> dict[str, floa
     return metrics
 
 
-def retriever_task(opt, tokenizer, retriever: Retriever, train_dataset: RetrieverDataset, eval_dataset, log=logger):
+def retriever_task(
+    config: RetrieverTaskConfig,
+    runtime: Runtime,
+    tokenizer,
+    retriever: Retriever,
+    train_dataset: RetrieverDataset,
+    eval_dataset,
+    log=logger,
+):
     """What train_retriever.py trains: best_dev by the dev loss (lower is better)."""
     collator = RetrieverCollator(
         tokenizer,
-        opt.n_context,
-        opt.question_maxlength,
-        opt.passage_maxlength,
+        config.n_context,
+        config.question_maxlength,
+        config.passage_maxlength,
         pad_questions_to_max=not retriever.config.apply_question_mask,
         pad_passages_to_max=not retriever.config.apply_passage_mask,
     )
 
     def dev_metrics(model) -> dict[str, float]:
-        return evaluate(model, eval_dataset, collator, opt, log) if len(eval_dataset) else {}
+        return evaluate(model, eval_dataset, collator, config, runtime, log) if len(eval_dataset) else {}
 
-    return Task(train_dataset, collator, make_loss(opt), dev_metrics, metric="loss", higher_is_better=False)
+    return Task(
+        train_dataset, collator, make_loss(config, runtime.device), dev_metrics, metric="loss", higher_is_better=False
+    )

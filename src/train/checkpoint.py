@@ -12,9 +12,11 @@ moment leaves a complete `name` or a complete `name.old` that `resolve` finds.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import random
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +25,7 @@ import torch
 
 from src import distributed as dist
 from src.files import atomic_directory, clean_interrupted, complete_or_old
-from src.options import options_dict
+from src.train.strategy import Strategy
 
 logger = logging.getLogger("fid")
 
@@ -72,39 +74,56 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+@contextlib.contextmanager
+def _shared_directory(final: Path) -> Iterator[Path]:
+    """files.atomic_directory for every rank: rank 0 creates the temporary directory and
+    renames it into place once every rank has written its part."""
+    if not dist.is_distributed():
+        with atomic_directory(final, replace=True) as tmp:
+            yield tmp
+        return
+    scope = atomic_directory(final, replace=True) if dist.is_main() else contextlib.nullcontext()
+    with scope as tmp:
+        tmp = Path(dist.broadcast_from_main(str(tmp) if tmp is not None else None))
+        yield tmp
+        dist.barrier()  # every rank's files are in before rank 0 renames
+
+
 def save(
     run_dir: str | Path,
     name: str,
+    strategy: Strategy,
     model,
     tokenizer,
     optimizer,
     scheduler,
-    opt,
+    options: Mapping[str, Any],
     state: dict[str, Any],
-) -> Path | None:
-    """Save `checkpoint/<name>` atomically. Collective: every rank must call it (RNG gather)."""
+) -> Path:
+    """Save `checkpoint/<name>` atomically. Collective: every rank calls it (the strategy may
+    gather or write shards; the RNG states of every rank are gathered); rank 0 writes the rest."""
     rngs = dist.gather_objects(rng_state())
-    if not dist.is_main():
-        return None
     final = checkpoint_root(run_dir) / name
-    model = getattr(model, "module", model)  # unwrap DDP
-    payload = {
-        "step": int(state["step"]),
-        "best_metric": None if state.get("best_metric") is None else float(state["best_metric"]),
-        "optimizer": optimizer.state_dict() if optimizer is not None else None,
-        "scheduler": scheduler.state_dict() if scheduler is not None else None,
-        "scaler": state.get("scaler"),  # fp16 GradScaler
-        "rng": rngs,
-        "options": options_dict(opt),
-    }
-    with atomic_directory(final, replace=True) as tmp:
-        model.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        torch.save(payload, tmp / STATE_FILE)
-        with open(tmp / "options.json", "w") as f:
-            json.dump(options_dict(opt), f, indent=1, sort_keys=True)
-    logger.info("saved checkpoint %s (step %d)", final, payload["step"])
+    with _shared_directory(final) as tmp:
+        model_state = strategy.save(tmp, model, optimizer)
+        if dist.is_main():
+            payload = {
+                "step": int(state["step"]),
+                "best_metric": None if state.get("best_metric") is None else float(state["best_metric"]),
+                "optimizer": None,
+                "scheduler": scheduler.state_dict() if scheduler is not None else None,
+                "scaler": state.get("scaler"),  # fp16 GradScaler
+                "rng": rngs,
+                "options": dict(options),
+                **model_state,
+            }
+            if tokenizer is not None:
+                tokenizer.save_pretrained(tmp)
+            torch.save(payload, tmp / STATE_FILE)
+            with open(tmp / "options.json", "w") as f:
+                json.dump(dict(options), f, indent=1, sort_keys=True)
+    if dist.is_main():
+        logger.info("saved checkpoint %s (step %d)", final, state["step"])
     return final
 
 
@@ -115,13 +134,18 @@ def clean_interrupted_saves(run_dir: str | Path) -> None:
         logger.info("tidied %s, left by an interrupted save", path)
 
 
-def load_training_state(ckpt_dir: str | Path, optimizer=None, scheduler=None) -> dict[str, Any]:
-    """Restore optimizer, scheduler and this rank's RNG from a checkpoint; return step and best metric."""
+def load_training_state(
+    ckpt_dir: str | Path, optimizer=None, scheduler=None, strategy: Strategy | None = None, model=None
+) -> dict[str, Any]:
+    """Restore optimizer (through `strategy`), scheduler and this rank's RNG from a checkpoint;
+    return step and best metric."""
     path = Path(ckpt_dir) / STATE_FILE
     if not path.exists():
         raise FileNotFoundError(f"{ckpt_dir}: no {STATE_FILE}, not a training checkpoint of this code")
     payload = torch.load(path, map_location="cpu", weights_only=True)
-    if optimizer is not None and payload["optimizer"] is not None:
+    if optimizer is not None and strategy is not None:
+        strategy.load(Path(ckpt_dir), model, optimizer, payload)
+    elif optimizer is not None and payload["optimizer"] is not None:
         optimizer.load_state_dict(payload["optimizer"])
     if scheduler is not None and payload["scheduler"] is not None:
         scheduler.load_state_dict(payload["scheduler"])
@@ -137,7 +161,9 @@ def load_training_state(ckpt_dir: str | Path, optimizer=None, scheduler=None) ->
     }
 
 
-def start_point(opt, run_dir: str | Path, default_model: str) -> tuple[str, Path | None]:
+def start_point(
+    run_dir: str | Path, model_path: str, model_name_or_path: str | None, default_model: str
+) -> tuple[str, Path | None]:
     """(weights to load, checkpoint to resume or None) for a training run (README "Run directory", Resuming).
 
     A run directory holding `latest` resumes it, unless `--model_path` names other weights
@@ -149,15 +175,15 @@ def start_point(opt, run_dir: str | Path, default_model: str) -> tuple[str, Path
     resume = latest(run_dir)
     if resume is not None:
         started_from = json.loads((resume / "options.json").read_text()).get("model_path", "none")
-        if opt.model_path in ("none", started_from):
+        if model_path in ("none", started_from):
             return str(resume), resume
         logger.warning(
             "%s holds a run started from %s; --model_path %s starts over from those weights and "
             "overwrites its checkpoints",
             run_dir,
             started_from,
-            opt.model_path,
+            model_path,
         )
-    if opt.model_path != "none":
-        return opt.model_path, None
-    return opt.model_name_or_path or default_model, None
+    if model_path != "none":
+        return model_path, None
+    return model_name_or_path or default_model, None

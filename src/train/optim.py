@@ -6,8 +6,10 @@ from collections.abc import Callable
 
 import torch
 
+from src.train.config import OptimConfig
 
-def lr_lambda(opt) -> Callable[[int], float]:
+
+def lr_lambda(opt: OptimConfig) -> Callable[[int], float]:
     """Multiplier of the lr at a given optimizer step.
 
     fixed: constant. linear: 0 → 1 over `warmup_steps`, then linear decay to 0 at
@@ -26,7 +28,7 @@ def lr_lambda(opt) -> Callable[[int], float]:
     return linear if opt.scheduler == "linear" else (lambda step: 1.0)
 
 
-def set_optim(opt, model: torch.nn.Module):
+def set_optim(opt: OptimConfig, model: torch.nn.Module):
     """(optimizer, scheduler) from `--optim --lr --weight_decay --scheduler ...`."""
     params = [p for p in model.parameters() if p.requires_grad]
     if opt.optim == "adam":
@@ -39,7 +41,7 @@ def set_optim(opt, model: torch.nn.Module):
     return optimizer, scheduler
 
 
-def unused_flags(opt) -> dict[str, str]:
+def unused_flags(opt: OptimConfig) -> dict[str, str]:
     """{flag: why} of the optimisation flags that the chosen `--optim` / `--scheduler` do not
     read (cli.warn_ignored warns for those set on the command line)."""
     unused = {}

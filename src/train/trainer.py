@@ -4,12 +4,12 @@ It knows nothing about readers or retrievers: a script hands it a `Task` (datase
 collator, `loss(model, batch)`, `evaluate(model) -> {metric: value}` and the metric that
 picks `best_dev`). It owns the optimizer and schedule, steps, gradient accumulation,
 clipping, the eval/save cadence, `best_dev`/`step-N`/`latest`, tensorboard, the progress
-bar, DDP, SIGTERM/SIGUSR1, and resuming exactly (same data order, same random state).
+bar, SIGTERM/SIGUSR1, and resuming exactly (same data order, same random state). How the
+model is spread over the ranks (DDP today) is a `Strategy` (strategy.py).
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import sys
@@ -25,9 +25,13 @@ from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from src import distributed as dist
-from src.devices import autocast
+from src.devices import precision_autocast
+from src.distributed import Runtime
+from src.errors import InputError
 from src.train import checkpoint, runlock
+from src.train.config import TrainConfig
 from src.train.optim import set_optim
+from src.train.strategy import DataParallel, Strategy
 
 
 class EpochSampler(Sampler[int]):
@@ -67,10 +71,10 @@ class Task:
     count_passages: Callable[[Any], int] | None = None  # passages read in a collated batch (throughput logs)
 
 
-def _interrupted(opt) -> bool:
+def _interrupted(runtime: Runtime) -> bool:
     """SIGTERM seen by any rank (all ranks must stop at the same step: DDP would hang)."""
     flag = dist.INTERRUPTED["signal"] is not None
-    return dist.any_over_ranks(flag) if opt.is_distributed else flag
+    return dist.any_over_ranks(flag) if runtime.is_distributed else flag
 
 
 def _is_better(value: float, best: float | None, higher_is_better: bool) -> bool:
@@ -79,39 +83,61 @@ def _is_better(value: float, best: float | None, higher_is_better: bool) -> bool
     return value > best if higher_is_better else value < best
 
 
-def train(task: Task, model: torch.nn.Module, tokenizer, opt, run_dir: str | Path, resume_dir: Path | None, logger):
-    """Train `model` on `task` until `opt.total_steps` batches; resume from `resume_dir`
-    (a run's `latest`) when given. Returns {"step", "best_metric"}."""
-    return Trainer(task, model, tokenizer, opt, run_dir, resume_dir, logger).run()
+def train(
+    task: Task,
+    model: torch.nn.Module,
+    tokenizer,
+    config: TrainConfig,
+    runtime: Runtime,
+    run_dir: str | Path,
+    resume_dir: Path | None,
+    logger,
+    strategy: Strategy | None = None,
+):
+    """Train `model` (on `runtime.device`, not yet wrapped) on `task` until `config.total_steps`
+    batches, spread over the ranks by `strategy` (default: DDP); resume from `resume_dir` (a
+    run's `latest`) when given. Returns {"step", "best_metric"}."""
+    strategy = strategy or DataParallel(runtime)
+    return Trainer(task, model, tokenizer, config, runtime, strategy, run_dir, resume_dir, logger).run()
 
 
 class Trainer:
     """One run of the loop. Saves happen only at the end of an accumulation cycle: the
     gradients accumulated so far are not saved, so a resume from mid-cycle would differ."""
 
-    def __init__(self, task: Task, model, tokenizer, opt, run_dir, resume_dir: Path | None, logger):
-        self.task, self.tokenizer, self.opt, self.logger = task, tokenizer, opt, logger
+    def __init__(
+        self,
+        task: Task,
+        model,
+        tokenizer,
+        config: TrainConfig,
+        runtime: Runtime,
+        strategy: Strategy,
+        run_dir,
+        resume_dir: Path | None,
+        logger,
+    ):
+        self.task, self.tokenizer, self.config, self.logger = task, tokenizer, config, logger
+        self.runtime, self.strategy = runtime, strategy
         self.run_dir = Path(run_dir)
-        self.base_model = model
-        self.optimizer, self.scheduler = set_optim(opt, model)
+        self.batches_per_epoch = math.ceil(
+            math.ceil(len(task.dataset) / runtime.world_size) / config.per_gpu_batch_size
+        )
+        if self.batches_per_epoch == 0:
+            raise InputError(f"{config.train_data}: no training examples")
+        self.model = strategy.wrap(model)  # before the optimizer: a sharding strategy replaces the parameters
+        self.optimizer, self.scheduler = set_optim(config.optim, self.model)
         state = {"step": 0, "best_metric": None}
         if resume_dir is not None:
-            state = checkpoint.load_training_state(resume_dir, self.optimizer, self.scheduler)
+            state = checkpoint.load_training_state(resume_dir, self.optimizer, self.scheduler, strategy, self.model)
             logger.info("resumed at step %d (best dev %s %s)", state["step"], task.metric, state["best_metric"])
         self.step: int = state["step"]
         self.best: float | None = state["best_metric"]
-        self.batches_per_epoch = math.ceil(math.ceil(len(task.dataset) / opt.world_size) / opt.per_gpu_batch_size)
-        if self.batches_per_epoch == 0:
-            raise ValueError(f"{opt.train_data}: no training examples")
-        self.model = model
-        if opt.is_distributed:
-            device_ids = [opt.device.index] if opt.device.type == "cuda" else None
-            self.model = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
-        self.use_scaler = opt.precision == "fp16" and opt.device.type == "cuda"
+        self.use_scaler = config.precision == "fp16" and runtime.device.type == "cuda"
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_scaler)
         if self.use_scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
-        self.accumulation = max(1, opt.accumulation_steps)
+        self.accumulation = max(1, config.accumulation_steps)
         self.running_loss, self.running_count = 0.0, 0
         self.running_passages = 0  # since the last evaluation, this process
         self.need_latest = self.pending_step_save = False
@@ -120,8 +146,8 @@ class Trainer:
     # -- the loop ----------------------------------------------------------------
 
     def run(self) -> dict[str, Any]:
-        opt = self.opt
-        if opt.is_main:
+        cfg, runtime = self.config, self.runtime
+        if runtime.is_main:
             from torch.utils.tensorboard import SummaryWriter  # heavy import, only where it is used
 
             self.tb = SummaryWriter(log_dir=str(self.run_dir))
@@ -129,20 +155,20 @@ class Trainer:
         self.logger.info(
             "training from step %d to %d: %d examples, %d batches per epoch per process, %d processes",
             self.step,
-            opt.total_steps,
+            cfg.total_steps,
             len(self.task.dataset),
             self.batches_per_epoch,
-            opt.world_size,
+            runtime.world_size,
         )
         self.model.train()
         self.t0 = time.time()
-        self.bar = tqdm(total=opt.total_steps, initial=self.step, desc="train", disable=not opt.is_main)
+        self.bar = tqdm(total=cfg.total_steps, initial=self.step, desc="train", disable=not runtime.is_main)
         # SIGTERM (scancel, preemption): save `latest` at the next step boundary, then exit.
         with dist.handle_sigterm():
-            while self.step < opt.total_steps:
+            while self.step < cfg.total_steps:
                 for batch in self._epoch_loader():
                     self._train_step(batch)
-                    if self.step >= opt.total_steps:
+                    if self.step >= cfg.total_steps:
                         break
         self.bar.close()
         if self.tb is not None:
@@ -151,36 +177,35 @@ class Trainer:
 
     def _epoch_loader(self) -> DataLoader:
         """The rest of the current epoch, in the order an uninterrupted run sees it."""
-        opt, dataset = self.opt, self.task.dataset
+        cfg, runtime, dataset = self.config, self.runtime, self.task.dataset
         epoch, offset = divmod(self.step, self.batches_per_epoch)
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(epoch)
-        bs = opt.per_gpu_batch_size
-        sampler = EpochSampler(len(dataset), opt.seed, epoch, opt.rank, opt.world_size, start=offset * bs)
+        bs = cfg.per_gpu_batch_size
+        sampler = EpochSampler(len(dataset), cfg.seed, epoch, runtime.rank, runtime.world_size, start=offset * bs)
         return DataLoader(
             dataset,
             batch_size=bs,
             sampler=sampler,
             collate_fn=self.task.collator,
-            num_workers=opt.num_workers,
+            num_workers=cfg.num_workers,
             # Own generator: creating the iterator must not consume the global RNG
             # (dropout), or a resumed run would diverge from an uninterrupted one.
-            generator=torch.Generator().manual_seed(opt.seed + epoch),
+            generator=torch.Generator().manual_seed(cfg.seed + epoch),
         )
 
     def _train_step(self, batch) -> None:
-        opt, model = self.opt, self.model
+        cfg, model = self.config, self.model
         self.step += 1
-        sync = self.step % self.accumulation == 0 or self.step == opt.total_steps
-        no_sync = model.no_sync() if opt.is_distributed and not sync else contextlib.nullcontext()
-        with no_sync:
-            with autocast(opt):
+        sync = self.step % self.accumulation == 0 or self.step == cfg.total_steps
+        with self.strategy.accumulating(model, sync):
+            with precision_autocast(cfg.precision, self.runtime.device):
                 loss = self.task.loss(model, batch)
             self.scaler.scale(loss / self.accumulation).backward()
         if sync:
             self.scaler.unscale_(self.optimizer)
-            if opt.clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), opt.clip)
+            if cfg.clip > 0:
+                self.strategy.clip_grad_norm(model, cfg.clip)
             self.scaler.step(self.optimizer)
             self.scaler.update()
             self.scheduler.step()
@@ -193,16 +218,16 @@ class Trainer:
             self.running_passages += self.task.count_passages(batch)
             postfix["passages/s"] = f"{self.running_passages / max(time.time() - self.t0, 1e-9):.3g}"
         self.bar.set_postfix(postfix)
-        if self.step % opt.eval_freq == 0 or self.step == opt.total_steps:
+        if self.step % cfg.eval_freq == 0 or self.step == cfg.total_steps:
             self._evaluate()
-        if self.step % opt.save_freq == 0:
+        if self.step % cfg.save_freq == 0:
             self.pending_step_save = True
         if sync:
             self._at_cycle_end()
 
     def _at_cycle_end(self) -> None:
         """Saves and stops, all at the end of an accumulation cycle."""
-        opt = self.opt
+        cfg, runtime = self.config, self.runtime
         if self.pending_step_save:
             self._save(f"step-{self.step}")
             self.pending_step_save, self.need_latest = False, True
@@ -211,16 +236,16 @@ class Trainer:
             self.need_latest = False
         if "SLURM_JOB_ID" in os.environ and dist.any_over_ranks(dist.PREEMPTED["flag"]):
             self._save("latest")
-            if opt.is_main:
+            if runtime.is_main:
                 dist.requeue_slurm_job()
             self.logger.warning("preempted at step %d: saved latest, exiting", self.step)
             sys.exit(0)
-        if _interrupted(opt) and self.step < opt.total_steps:
+        if _interrupted(runtime) and self.step < cfg.total_steps:
             self._save("latest")
             self.logger.warning(
                 "interrupted at step %d/%d: saved %s; run the same command to resume",
                 self.step,
-                opt.total_steps,
+                cfg.total_steps,
                 checkpoint.checkpoint_root(self.run_dir) / "latest",
             )
             dist.destroy()
@@ -228,7 +253,7 @@ class Trainer:
             sys.exit(dist.EXIT_INTERRUPTED)
 
     def _evaluate(self) -> None:
-        opt, step = self.opt, self.step
+        cfg, runtime, step = self.config, self.runtime, self.step
         train_loss, _ = dist.weighted_average(self.running_loss / max(1, self.running_count), self.running_count)
         steps_done, self.running_loss, self.running_count = self.running_count, 0.0, 0
         lr = self.scheduler.get_last_lr()[0]
@@ -237,15 +262,15 @@ class Trainer:
         # draws a seed): training is the same whatever the eval cadence, and a run stopped
         # at an evaluation resumes exactly.
         rng = checkpoint.rng_state()
-        metrics = self.task.evaluate(self.base_model) if self.task.evaluate is not None else {}
+        metrics = self.task.evaluate(self.strategy.unwrap(self.model)) if self.task.evaluate is not None else {}
         checkpoint.set_rng_state(rng)
         self.model.train()
-        examples_per_s = steps_done * opt.per_gpu_batch_size * opt.world_size / max(elapsed, 1e-9)
-        message = f"step {step}/{opt.total_steps} | train loss {train_loss:.4f} | lr {lr:.2e}"
+        examples_per_s = steps_done * cfg.per_gpu_batch_size * runtime.world_size / max(elapsed, 1e-9)
+        message = f"step {step}/{cfg.total_steps} | train loss {train_loss:.4f} | lr {lr:.2e}"
         message += "".join(f" | dev {k} {v:.4f}" for k, v in metrics.items())
         message += f" | {elapsed:.1f}s ({examples_per_s:.1f} examples/s"
         if self.task.count_passages is not None:  # this process's passages, times the processes
-            message += f", {self.running_passages * opt.world_size / max(elapsed, 1e-9):.3g} passages/s"
+            message += f", {self.running_passages * runtime.world_size / max(elapsed, 1e-9):.3g} passages/s"
         message += ")"
         self.running_passages = 0
         if self.task.metric in metrics and _is_better(metrics[self.task.metric], self.best, self.task.higher_is_better):
@@ -269,5 +294,13 @@ class Trainer:
             "scaler": self.scaler.state_dict() if self.use_scaler else None,
         }
         checkpoint.save(
-            self.run_dir, name, self.base_model, self.tokenizer, self.optimizer, self.scheduler, self.opt, state
+            self.run_dir,
+            name,
+            self.strategy,
+            self.model,
+            self.tokenizer,
+            self.optimizer,
+            self.scheduler,
+            self.config.options,
+            state,
         )
