@@ -3,6 +3,14 @@ message fragment). Each case must end with exit code 2, a one-line message namin
 (and line or example) or the option, no traceback, and every output already on disk left
 as it was, byte for byte (no half-written file either).
 
+Most cases fail before any output is opened. Those marked `late=True` fail while one of the
+case's `outputs` is being written (the in-process run records what the script opens with
+atomic_write, and a late case must have opened one), so that "left as it was" is really
+exercised: passage_retrieval.py and preprocess.py here; test_reader.py and the training scripts
+in "Late failures" at the end (an input that changes while in use), which also says why the
+training scripts and generate_passage_embeddings.py cannot fail on an input while writing. Each
+training table has its own run directories.
+
 Adding a case is one line in a table. Arguments may use the placeholders of `world` below
 ({good}: a valid question file, {bad}: the directory of the BAD_FILES, {t5}, {bert},
 {retriever}, {psgs}, {shards}, {out}). In a fragment, "…" stands for any text. Cases run
@@ -18,11 +26,14 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pytest
 
+import src.files
 from src.cli import cli, close_loggers
 from src.corpus.embeddings import write_shard
 from src.retriever.model import Retriever
@@ -65,10 +76,20 @@ BAD_FILES = {
     "score_nan.json": json.dumps([example(0, ctxs=[ctx(score="nan"), ctx(id="2")])]),
     "no_gold_score.json": json.dumps([example(0), example(1, ctxs=[{"title": "a", "text": "b"}])]),
     "no_target.json": json.dumps([example(0, answers=[])]),
+    "lone_surrogate.json": json.dumps([example(0), example(1, question="what color does \udc00 like")]),
     # DPR-style inputs of preprocess.py dpr (string scores, has_answer)
     "dpr_ctxs_not_list.json": json.dumps([{"question": "q", "answers": ["a"], "ctxs": {"id": "1"}}]),
     "dpr_ctx_without_text.json": json.dumps([{"question": "q", "answers": ["a"], "ctxs": [{"id": "1", "title": "t"}]}]),
     "dpr_score.json": json.dumps([{"question": "q", "ctxs": [{"id": "1", "title": "t", "text": "x", "score": "n/a"}]}]),
+    # found after two records were converted (one per line)
+    "dpr_score_late.json": "[\n"
+    + ",\n".join(
+        json.dumps(
+            {"question": f"q{i}", "answers": ["a"], "ctxs": [{"id": "1", "title": "t", "text": "x", "score": s}]}
+        )
+        for i, s in enumerate(["1.5", "2", "n/a"])
+    )
+    + "\n]\n",
     "not_utf8.qa.csv": b"what color\t['red']\n" + LATIN1 + b"\t['x']\n",
     "run_score.trec": "q0 Q0 1 1 high bm25\n",
     "run_not_utf8.trec": b"q0 Q0 1 1 3.5 " + LATIN1 + b"\n",
@@ -82,6 +103,7 @@ BAD_FILES = {
     "truncated_00.npz": lambda root: (root / "shards_00.npz").read_bytes()[:200],
     "garbage_00.npz": b"these are not embeddings\n",
     "wrong_arrays_00.npz": lambda root: _npz(a=np.zeros(3)),
+    "unknown_id_00.npz": lambda root: _shard(["1", "999"]),  # 999 is not in psgs.tsv: found while writing
     # model directories: created as directories (see world)
 }
 MODEL_DIRS = {"no_model": {}, "config_only": {"config.json": json.dumps({"model_type": "t5"})}}
@@ -92,6 +114,14 @@ def _npz(**arrays) -> bytes:
 
     buf = io.BytesIO()
     np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+def _shard(ids: list[str]) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    np.savez(buf, ids=np.array(ids), embeddings=np.random.default_rng(1).random((len(ids), 8), dtype=np.float32))
     return buf.getvalue()
 
 
@@ -132,8 +162,13 @@ def world(tmp_path_factory) -> dict[str, str]:
     }
 
 
-def case(case_id: str, args: list[str], fragment: str, subprocess: bool = False):
-    return pytest.param(args, fragment, subprocess, id=case_id)
+class How(NamedTuple):
+    subprocess: bool  # a real `python script.py` (else cli(main) in this process)
+    late: bool  # fails while one of the case's outputs is being written
+
+
+def case(case_id: str, args: list[str], fragment: str, subprocess: bool = False, late: bool = False):
+    return pytest.param(args, fragment, How(subprocess, late), id=case_id)
 
 
 def found_in_order(line: str, fragment: str) -> bool:
@@ -184,8 +219,29 @@ def fill(text: str, world: dict[str, str]) -> str:
     return text
 
 
-def check_bad_input(script, args, fragment, in_subprocess, world, capsys, outputs=()) -> None:
-    """`outputs`: files already written by an earlier run; they must come out unchanged."""
+def record_atomic_writes(script: str, monkeypatch, on_open: Callable[[Path], None] | None = None) -> list[Path]:
+    """The files the script opens with atomic_write (src/files.py) from now on, in order;
+    `on_open(path)` is called as each one opens."""
+    stem = Path(script).stem
+    importlib.import_module(stem)
+    original, opened = src.files.atomic_write, []
+
+    def recording(path, *args, **kwargs):
+        opened.append(Path(path))
+        if on_open is not None:
+            on_open(Path(path))
+        return original(path, *args, **kwargs)
+
+    for name, module in list(sys.modules.items()):
+        if (name == stem or name.startswith("src.")) and getattr(module, "atomic_write", None) is original:
+            monkeypatch.setattr(module, "atomic_write", recording)
+    return opened
+
+
+def check_bad_input(script, args, fragment, how, world, capsys, monkeypatch, outputs=(), on_open=None) -> None:
+    """`outputs`: files already written by an earlier run; they must come out unchanged. A `late`
+    case must fail after the script opened one of them for writing (`on_open`: see
+    record_atomic_writes)."""
     sentinels = {}
     for path in outputs:
         path = Path(fill(path, world))
@@ -194,9 +250,12 @@ def check_bad_input(script, args, fragment, in_subprocess, world, capsys, output
         sentinels[path] = path.read_bytes()
     args = [fill(a, world) for a in args]
     fragment = fill(fragment, world)
-    output = run_bad(script, args, in_subprocess, capsys)
+    opened = [] if how.subprocess else record_atomic_writes(script, monkeypatch, on_open)
+    output = run_bad(script, args, how.subprocess, capsys)
     lines = [line for line in output.splitlines() if found_in_order(line, fragment)]
     assert lines, f"{fragment!r} not in:\n{output[-3000:]}"
+    if how.late:
+        assert not how.subprocess and set(opened) & set(sentinels), f"failed before opening an output: {opened}"
     for path, before in sentinels.items():
         assert path.read_bytes() == before, f"{path} was overwritten"
         leftovers = [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")]
@@ -227,6 +286,11 @@ QUESTION_FILE_CASES = [  # (id, file in BAD_FILES, fragment): every script that 
     ("ctx-without-text", "ctx_without_text.json", "ctx_without_text.json, example 0, ctx 1: …string 'text'"),
     ("score-not-number", "score_not_number.json", "score_not_number.json, example 0, ctx 0: score 'high' is not a"),
     ("score-nan", "score_nan.json", "score_nan.json, example 0, ctx 0: score 'nan' is not a finite number"),
+    (
+        "lone-surrogate",
+        "lone_surrogate.json",
+        "lone_surrogate.json, example 1: 'question' is not valid Unicode: a lone",
+    ),
 ]
 
 
@@ -264,12 +328,11 @@ TEST_READER_CASES = [
 ]
 
 
-@pytest.mark.parametrize("args, fragment, in_subprocess", TEST_READER_CASES)
-def test_test_reader_bad_inputs(world, capsys, args, fragment, in_subprocess):
+@pytest.mark.parametrize("args, fragment, how", TEST_READER_CASES)
+def test_test_reader_bad_inputs(world, capsys, monkeypatch, args, fragment, how):
     outputs = ["{root}/runs/scored/dataset_wscores.json", "{root}/runs/scored/final_output.txt"]
-    check_bad_input(
-        "test_reader.py", with_defaults(TEST_READER_DEFAULTS, args), fragment, in_subprocess, world, capsys, outputs
-    )
+    args = with_defaults(TEST_READER_DEFAULTS, args)
+    check_bad_input("test_reader.py", args, fragment, how, world, capsys, monkeypatch, outputs)
 
 
 # ---------------------------------------------------------------------------
@@ -296,18 +359,24 @@ TRAIN_READER_CASES = [
 ]
 
 
-def check_training_bad_input(script, defaults, args, fragment, in_subprocess, world, capsys, request):
-    name = request.node.callspec.id
+def run_name(script: str, case_id: str) -> str:
+    """The run directory of a training case: each table its own (a case of one script must not
+    resume a checkpoint another script's case left)."""
+    return f"{Path(script).stem}-{case_id}"
+
+
+def check_training_bad_input(script, defaults, args, fragment, how, world, capsys, monkeypatch, request):
+    name = run_name(script, request.node.callspec.id)
     args = with_defaults(defaults, ["--name", name, *args])
-    check_bad_input(script, args, fragment, in_subprocess, world, capsys)
+    check_bad_input(script, args, fragment, how, world, capsys, monkeypatch)
     run_dir = Path(world["root"]) / "runs" / name
     assert not (run_dir / "checkpoint").exists(), "a failed start wrote checkpoints"
 
 
-@pytest.mark.parametrize("args, fragment, in_subprocess", TRAIN_READER_CASES)
-def test_train_reader_bad_inputs(world, capsys, request, args, fragment, in_subprocess):
+@pytest.mark.parametrize("args, fragment, how", TRAIN_READER_CASES)
+def test_train_reader_bad_inputs(world, capsys, monkeypatch, request, args, fragment, how):
     check_training_bad_input(
-        "train_reader.py", TRAIN_READER_DEFAULTS, args, fragment, in_subprocess, world, capsys, request
+        "train_reader.py", TRAIN_READER_DEFAULTS, args, fragment, how, world, capsys, monkeypatch, request
     )
 
 
@@ -334,11 +403,18 @@ TRAIN_RETRIEVER_CASES = [
 ]
 
 
-@pytest.mark.parametrize("args, fragment, in_subprocess", TRAIN_RETRIEVER_CASES)
-def test_train_retriever_bad_inputs(world, capsys, request, args, fragment, in_subprocess):
+@pytest.mark.parametrize("args, fragment, how", TRAIN_RETRIEVER_CASES)
+def test_train_retriever_bad_inputs(world, capsys, monkeypatch, request, args, fragment, how):
     check_training_bad_input(
-        "train_retriever.py", TRAIN_RETRIEVER_DEFAULTS, args, fragment, in_subprocess, world, capsys, request
+        "train_retriever.py", TRAIN_RETRIEVER_DEFAULTS, args, fragment, how, world, capsys, monkeypatch, request
     )
+
+
+def test_training_tables_have_their_own_run_directories():
+    reader = {run_name("train_reader.py", p.id) for p in TRAIN_READER_CASES}
+    retriever = {run_name("train_retriever.py", p.id) for p in TRAIN_RETRIEVER_CASES}
+    assert len(reader) == len(TRAIN_READER_CASES) and len(retriever) == len(TRAIN_RETRIEVER_CASES)
+    assert not reader & retriever
 
 
 # ---------------------------------------------------------------------------
@@ -363,18 +439,11 @@ EMBEDDINGS_CASES = [
 ]
 
 
-@pytest.mark.parametrize("args, fragment, in_subprocess", EMBEDDINGS_CASES)
-def test_generate_passage_embeddings_bad_inputs(world, capsys, args, fragment, in_subprocess):
+@pytest.mark.parametrize("args, fragment, how", EMBEDDINGS_CASES)
+def test_generate_passage_embeddings_bad_inputs(world, capsys, monkeypatch, args, fragment, how):
     args = with_defaults(EMBEDDINGS_DEFAULTS, [*args, "--device", "cpu"])
-    check_bad_input(
-        "generate_passage_embeddings.py",
-        args,
-        fragment,
-        in_subprocess,
-        world,
-        capsys,
-        outputs=["{out}/wiki_00.npz", "{out}/wiki_03.npz"],
-    )
+    outputs = ["{out}/wiki_00.npz", "{out}/wiki_03.npz"]
+    check_bad_input("generate_passage_embeddings.py", args, fragment, how, world, capsys, monkeypatch, outputs)
 
 
 # ---------------------------------------------------------------------------
@@ -398,20 +467,20 @@ RETRIEVAL_CASES = [
     case("no-header", ["--passages", "{bad}/no_header.tsv"], "no_header.tsv:1: header must name the columns"),
     case("model_path-empty-dir", ["--model_path", "{bad}/no_model"], "no_model: not a saved retriever"),
     case("evaluate-only-not-utf8", ["--evaluate_only", "--data", "{bad}/not_utf8.json"], "not_utf8.json, line 2: not"),
+    case(
+        "passage-missing-mid-corpus",
+        ["--passages_embeddings", "{bad}/unknown_id_*"],
+        "passage id '999' of the embeddings is not in {psgs}",
+        late=True,
+    ),
 ]
 
 
-@pytest.mark.parametrize("args, fragment, in_subprocess", RETRIEVAL_CASES)
-def test_passage_retrieval_bad_inputs(world, capsys, args, fragment, in_subprocess):
-    check_bad_input(
-        "passage_retrieval.py",
-        with_defaults(RETRIEVAL_DEFAULTS, args),
-        fragment,
-        in_subprocess,
-        world,
-        capsys,
-        outputs=["{out}/retrieved.json", "{out}/retrieved.json.log"],
-    )
+@pytest.mark.parametrize("args, fragment, how", RETRIEVAL_CASES)
+def test_passage_retrieval_bad_inputs(world, capsys, monkeypatch, args, fragment, how):
+    args = with_defaults(RETRIEVAL_DEFAULTS, args)
+    outputs = ["{out}/retrieved.json", "{out}/retrieved.json.log"]
+    check_bad_input("passage_retrieval.py", args, fragment, how, world, capsys, monkeypatch, outputs)
 
 
 # ---------------------------------------------------------------------------
@@ -433,6 +502,12 @@ PREPROCESS_CASES = [
     case("dpr-ctxs-not-list", ["dpr", "{bad}/dpr_ctxs_not_list.json"], "dpr_ctxs_not_list.json, line 1: no 'ctxs'"),
     case("dpr-ctx-no-text", ["dpr", "{bad}/dpr_ctx_without_text.json"], "dpr_ctx_without_text.json, line 1, ctx 0:"),
     case("dpr-score", ["dpr", "{bad}/dpr_score.json"], "dpr_score.json, line 1, ctx 0: score 'n/a' is not a number"),
+    case(
+        "dpr-score-late",
+        ["dpr", "{bad}/dpr_score_late.json"],
+        "dpr_score_late.json, line 4, ctx 0: score 'n/a'",
+        late=True,
+    ),
     case("dpr-n_docs-0", ["dpr", "{good}", "--n_docs", "0"], "argument --n_docs/--n-docs: must be a positive"),
     case("dpr-short-row", ["dpr", "{good}", "--passages", "{bad}/short_rows.tsv"], "short_rows.tsv: 1 row(s) do no"),
     case("dpr-no-header", ["dpr", "{good}", "--passages", "{bad}/no_header.tsv"], "no_header.tsv:1: header must"),
@@ -444,11 +519,97 @@ PREPROCESS_CASES = [
 BM25_DEFAULTS = ["--run", "{run}", "--questions", "{good}", "--passages", "{psgs}", "--output", "{out}/converted.json"]
 
 
-@pytest.mark.parametrize("args, fragment, in_subprocess", PREPROCESS_CASES)
-def test_preprocess_bad_inputs(world, capsys, args, fragment, in_subprocess):
+@pytest.mark.parametrize("args, fragment, how", PREPROCESS_CASES)
+def test_preprocess_bad_inputs(world, capsys, monkeypatch, args, fragment, how):
     mode, *rest = args
     if mode == "bm25":
         args = [mode, *BM25_DEFAULTS, *rest]
     else:  # MODE INPUT OUTPUT [flags]
         args = [mode, rest[0], "{out}/converted.json", *rest[1:]]
-    check_bad_input("preprocess.py", args, fragment, in_subprocess, world, capsys, outputs=["{out}/converted.json"])
+    check_bad_input("preprocess.py", args, fragment, how, world, capsys, monkeypatch, outputs=["{out}/converted.json"])
+
+
+# ---------------------------------------------------------------------------
+# Late failures: an input that changes while the script uses it
+# ---------------------------------------------------------------------------
+# The scripts check their inputs whole before they open an output, so a static bad file fails
+# early; the cases marked late=True above are those a script can only meet while writing
+# (passage_retrieval.py: a passage id of the embeddings missing from the TSV; preprocess.py: a
+# bad record after good ones). The reader and retriever scripts read examples on demand, so a
+# file that changes after it was checked fails where it is read again: test_reader.py while it
+# writes final_output.txt, the training scripts at the next batch, after checkpoints were saved.
+# The training scripts read no input while they save, and generate_passage_embeddings.py (one
+# process) has read every passage before it opens its one output: neither can fail on an input
+# while an output is being written.
+
+
+def spread(examples: list[dict]) -> str:
+    """A JSON list, one example per line."""
+    return "[\n" + ",\n".join(json.dumps(e) for e in examples) + "\n]\n"
+
+
+def blank_from(path: Path, example: int) -> None:
+    """The file changes while in use: `example` and those after it overwritten with spaces, in
+    place, at the same size (so they no longer parse where the script indexed them)."""
+    data = path.read_bytes()
+    start = sum(len(line) for line in data.splitlines(keepends=True)[: example + 1])  # line 0: "["
+    with open(path, "r+b") as f:
+        f.seek(start)
+        f.write(b" " * (len(data) - start))
+
+
+def test_test_reader_input_changed_while_writing(world, capsys, monkeypatch, tmp_path):
+    """Examples 2 and 3 change as final_output.txt opens: it fails on example 2, after two lines;
+    neither output changes and no temporary file is left."""
+    data = tmp_path / "eval.json"
+    data.write_text(spread([example(i) for i in range(4)]))
+    args = with_defaults(TEST_READER_DEFAULTS, ["--eval_data", str(data), "--name", "test_reader-changed"])
+    outputs = [
+        "{root}/runs/test_reader-changed/final_output.txt",
+        "{root}/runs/test_reader-changed/dataset_wscores.json",
+    ]
+
+    def change(path: Path) -> None:
+        if path.name == "final_output.txt":
+            blank_from(data, 2)
+
+    fragment = f"{data}, example 2: not the example indexed there…the file changed while in use?"
+    check_bad_input("test_reader.py", args, fragment, How(False, True), world, capsys, monkeypatch, outputs, change)
+
+
+@pytest.mark.parametrize("script", ["train_reader.py", "train_retriever.py"])
+def test_training_input_changed_while_in_use(world, capsys, monkeypatch, tmp_path, script):
+    """The train file changes after the first step was trained and saved: the next batch fails
+    (exit 2, naming the file and the example) and the checkpoints on disk stay as they were."""
+    data = tmp_path / "train.json"
+    data.write_text(spread([example(i) for i in range(6)]))
+    defaults = TRAIN_READER_DEFAULTS if script == "train_reader.py" else TRAIN_RETRIEVER_DEFAULTS
+    run_dir = Path(world["root"]) / "runs" / f"{Path(script).stem}-changed"
+    args = [fill(a, world) for a in defaults] + [
+        "--name", run_dir.name, "--train_data", str(data), "--per_gpu_batch_size", "2", "--total_steps", "3",
+        "--save_freq", "1", "--eval_freq", "100",
+    ]  # fmt: skip
+    module = importlib.import_module(Path(script).stem)
+    dataset_class = module.ReaderDataset if script == "train_reader.py" else module.RetrieverDataset
+    saved = {}
+
+    class Changing(dataset_class):
+        reads = 0
+
+        def __getitem__(self, index):
+            if getattr(self.examples, "path", None) == data:
+                Changing.reads += 1
+                if Changing.reads == 3:  # the second batch: step 1 is trained and saved
+                    saved.update({p: p.read_bytes() for p in (run_dir / "checkpoint").rglob("*") if p.is_file()})
+                    blank_from(data, 0)
+            return super().__getitem__(index)
+
+    monkeypatch.setattr(module, dataset_class.__name__, Changing)
+    output = run_bad(script, args, False, capsys)
+    assert any(
+        found_in_order(line, f"{data}, example …: not the example indexed there") for line in output.splitlines()
+    )
+    assert any(p.parent.name == "latest" for p in saved) and any(p.parent.name == "step-1" for p in saved)
+    after = {p: p.read_bytes() for p in (run_dir / "checkpoint").rglob("*") if p.is_file()}
+    assert after == saved  # nothing written since, nothing half-written
+    assert not [p for p in run_dir.rglob("*") if p.name.endswith((".tmp", ".old"))]

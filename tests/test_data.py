@@ -7,6 +7,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from src.data.datasets import ReaderCollator, ReaderDataset, RetrieverCollator, RetrieverDataset, encode_targets
+from src.data.offsets import QuestionFile
 from src.data.questions import iter_entries, load_questions, require_targets, write_questions
 from src.errors import DataError
 from src.toy.tiny_models import build_word_tokenizer
@@ -73,10 +74,15 @@ def test_random_target_depends_on_seed_epoch_index():
 
 
 def test_write_and_reload_keeps_unknown_fields(tmp_path):
-    examples = [{"id": "q1", "question": "q?", "answers": ["a"], "extra": {"k": [1, 2]}, "ctxs": []}]
+    examples = [
+        {"id": "q1", "question": "caf\u00e9?", "answers": ["a"], "extra": {"k": [1, 2]}, "ctxs": []},
+        {"id": "q2", "question": "q?", "ctxs": [], "note": "x\ud800y"},  # a lone surrogate, kept as it came
+    ]
     for name in ("out.json", "out.jsonl"):
         write_questions(tmp_path / name, examples)
         assert load_questions(tmp_path / name) == examples
+        text = (tmp_path / name).read_text(encoding="utf-8")
+        assert "caf\u00e9" in text and "\\ud800" in text  # UTF-8 as usual; that example \\u-escaped
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
@@ -89,6 +95,13 @@ def test_write_and_reload_keeps_unknown_fields(tmp_path):
         ('[{"question": "q", "ctxs": [{"text": "t", "score": "high"}]}]', "score 'high' is not a number"),
         ('[{"question": "q",\n "answers": [}]', "line 2: invalid JSON"),
         ('{"question": "q"}', "expected a JSON list"),
+        # lone surrogates (a \\u escape without its pair) where the scripts tokenize or write text
+        ('[{"question": "q"}, {"question": "a\\ud800"}]', "example 1: 'question' is not valid Unicode: a lone"),
+        ('[{"question": "q", "answers": ["a", "\\udc00b"]}]', "example 0: 'answers' is not valid Unicode"),
+        ('[{"question": "q", "target": "\\ud83d"}]', "example 0: 'target' is not valid Unicode"),
+        ('[{"id": "\\udfff", "question": "q"}]', "example 0: 'id' is not valid Unicode"),
+        ('[{"question": "q", "ctxs": [{"text": "t"}, {"text": "\\ud800"}]}]', "ctx 1: 'text' is not valid Unicode"),
+        ('[{"question": "q", "ctxs": [{"title": "\\ud800", "text": "t"}]}]', "ctx 0: 'title' is not valid Unicode"),
     ],
 )
 def test_bad_files_name_file_and_example(tmp_path, content, message):
@@ -96,6 +109,9 @@ def test_bad_files_name_file_and_example(tmp_path, content, message):
     path.write_text(content)
     with pytest.raises(DataError) as e:
         load_questions(path)
+    assert str(path) in str(e.value) and message in str(e.value)
+    with pytest.raises(DataError) as e:  # the scripts' reader on demand: the same error
+        QuestionFile(path)
     assert str(path) in str(e.value) and message in str(e.value)
 
 

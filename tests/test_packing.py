@@ -40,6 +40,22 @@ def ragged(B: int = 3, N: int = 5, L: int = 13, seed: int = 1) -> tuple[torch.Te
     return ids, mask
 
 
+def straddling(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """(3, 12, 32) passages whose lengths straddle the bucket alignment (ALIGN = 8): 15, 16 and
+    17 share one bucket of 16 passages (15 ≥ 7/8 · 17) that must be 24 wide, not 16; 8 and 9
+    share one 16 wide; full length 32; one and two tokens; missing passages."""
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.tensor([
+        [17, 15, 16, 17, 15, 9, 8, 31, 32, 28, 1, 0],
+        [15, 17, 24, 25, 23, 16, 16, 17, 2, 0, 0, 0],
+        [16, 17, 15, 17, 15, 16, 0, 0, 0, 0, 0, 0],
+    ])  # fmt: skip
+    mask = (torch.arange(32)[None, None, :] < lengths[..., None]).long()
+    ids = torch.randint(3, VOCAB, (3, 12, 32), generator=g) * mask
+    return ids, mask
+
+
+DATA = {"ragged": ragged, "straddling": straddling}
 LABELS = torch.tensor([[5, 6, 7, EOS], [8, 9, EOS, -100], [10, EOS, -100, -100]])
 
 
@@ -71,9 +87,10 @@ def test_packed_layout_drops_the_padding():
     assert torch.equal(original.mask, mask.reshape(3, -1))
 
 
-def test_encoder_states_equal_the_padded_path():
+@pytest.mark.parametrize("data", sorted(DATA))
+def test_encoder_states_equal_the_padded_path(data):
     model = tiny_fid()
-    ids, mask = ragged()
+    ids, mask = DATA[data]()
     padded, packed = both_paths(model, lambda: model.encode(ids, mask).alone())
     (p_states, p_mask), (q_states, q_mask) = padded, packed
     for row in range(p_states.shape[0]):
@@ -96,6 +113,31 @@ def test_buckets_group_by_length_and_skip_missing_passages():
     assert packing.bucket_passages(torch.zeros(4, dtype=torch.long)) == []
 
 
+def test_each_bucket_is_as_wide_as_its_longest_passage():
+    """The encoder calls of straddling lengths: each bucket padded to its longest passage rounded
+    up to ALIGN (never narrower: that would cut passages), and the 15/16/17 bucket holds 16."""
+    model = tiny_fid()
+    ids, mask = straddling()
+    calls = []
+    hook = model.encoder.register_forward_hook(
+        lambda m, args, kwargs, out: calls.append(kwargs["attention_mask"].clone()), with_kwargs=True
+    )
+    try:
+        encoded = model.encode(ids, mask)
+    finally:
+        hook.remove()
+    buckets = [(len(m), m.shape[1], sorted(set(m.sum(-1).tolist()), reverse=True)) for m in calls]
+    assert buckets == [
+        (3, 32, [32, 31, 28]),
+        (3, 32, [25, 24, 23]),
+        (16, 24, [17, 16, 15]),
+        (2, 16, [9, 8]),
+        (1, 8, [2]),
+        (1, 8, [1]),
+    ]
+    assert encoded.real.shape[0] == int(mask.sum())  # every real token kept, none cut
+
+
 def test_full_length_passages_are_not_copied():
     model = tiny_fid()
     ids = torch.randint(3, VOCAB, (2, 3, 8))
@@ -106,11 +148,12 @@ def test_full_length_passages_are_not_copied():
     assert layout.mask.all()
 
 
+@pytest.mark.parametrize("data", sorted(DATA))
 @pytest.mark.parametrize("use_checkpoint", [False, True])
-def test_loss_logits_and_gradients_equal_the_padded_path(use_checkpoint):
+def test_loss_logits_and_gradients_equal_the_padded_path(use_checkpoint, data):
     model = tiny_fid(seed=2).train()  # dropout 0 in the tiny config: the two paths draw masks differently
     model.set_checkpoint(use_checkpoint)
-    ids, mask = ragged(seed=3)
+    ids, mask = DATA[data](seed=3)
 
     def step():
         model.zero_grad()
@@ -127,18 +170,20 @@ def test_loss_logits_and_gradients_equal_the_padded_path(use_checkpoint):
         torch.testing.assert_close(grads1[name], grads0[name], atol=1e-6, rtol=1e-4, msg=name)
 
 
+@pytest.mark.parametrize("data", sorted(DATA))
 @pytest.mark.parametrize("num_beams", [1, 3])
-def test_answers_equal_the_padded_path(num_beams):
+def test_answers_equal_the_padded_path(num_beams, data):
     model = tiny_fid(seed=4)
-    ids, mask = ragged(seed=5)
+    ids, mask = DATA[data](seed=5)
     old, new = both_paths(model, lambda: model.generate(ids, mask, max_length=8, num_beams=num_beams))
     assert torch.equal(new, old)
 
 
+@pytest.mark.parametrize("data", sorted(DATA))
 @pytest.mark.parametrize("kind", sorted(SCORE_KINDS))
-def test_every_score_kind_equals_the_padded_path(kind):
+def test_every_score_kind_equals_the_padded_path(kind, data):
     model = tiny_fid(seed=6)
-    ids, mask = ragged(seed=7)
+    ids, mask = DATA[data](seed=7)
     labels = LABELS if SCORE_KINDS[kind].needs_target else None
     kwargs = {"max_length": 6, "labels": labels}
     if kind == "loop":
@@ -147,7 +192,7 @@ def test_every_score_kind_equals_the_padded_path(kind):
         model, lambda: generate_with_scores(model, ids, mask, score_kind=kind, **kwargs)
     )
     assert torch.equal(gen1, gen0)
-    assert scores1.shape == (3, 5)
+    assert scores1.shape == mask.shape[:2]
     torch.testing.assert_close(scores1, scores0, atol=1e-5, rtol=0)
     assert (scores1[mask.sum(-1) == 0] == 0).all()  # missing passages score 0
 

@@ -193,6 +193,52 @@ def test_score_variants():
         generate_with_scores(model, ids, mask, score_kind="nope")
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_scores_are_computed_in_float32_under_autocast(dtype):
+    """Under bf16/fp16 autocast the q and k projections give half-precision tensors. The scores
+    are their products taken in float32: a float64 computation from the same projections (hooked
+    here) agrees to float32 rounding, where a product in half precision is off by ~1e-3. And bf16
+    stays close to an fp32 run, with the same answers."""
+    model = tiny_fid(seed=14)
+    ids, mask = passages(B=2, N=3, L=9, seed=15)
+    mask[1, 2] = 0  # a missing passage
+    ids = ids * mask
+    queries, keys = {}, {}  # each layer's first call: the first decoding step
+
+    def keep(store: dict, i: int, out: torch.Tensor) -> None:  # returns None: the output is not replaced
+        store.setdefault(i, out)
+
+    hooks = []
+    for i, block in enumerate(model.decoder.block):
+        attention = block.layer[1].EncDecAttention
+        hooks.append(attention.q.register_forward_hook(lambda m, a, out, i=i: keep(queries, i, out[:, 0])))
+        hooks.append(attention.k.register_forward_hook(lambda m, a, out, i=i: keep(keys, i, out)))
+    with torch.autocast("cpu", dtype=dtype):
+        generated, scores = generate_with_scores(model, ids, mask, max_length=6)
+    for h in hooks:
+        h.remove()
+    assert queries[0].dtype == keys[0].dtype == dtype and scores.dtype == torch.float32
+    B, N, _ = ids.shape
+    H, dk = model.config.num_heads, model.config.d_kv
+    token = sum(
+        torch.einsum("bhd,bshd->bhs", queries[i].double().view(B, H, dk), keys[i].double().view(B, -1, H, dk)).mean(1)
+        for i in queries
+    ) / len(queries)  # (B, S): the packed layout, each question's real tokens in passage order
+    want = torch.zeros(B, N, dtype=torch.float64)
+    for b in range(B):
+        start = 0
+        for n, length in enumerate(mask[b].sum(-1).tolist()):
+            if length:
+                want[b, n] = token[b, start : start + length].mean()
+            start += length
+    torch.testing.assert_close(scores, want.float(), atol=1e-5, rtol=1e-5)
+    if dtype == torch.bfloat16:
+        fp32_generated, fp32_scores = generate_with_scores(model, ids, mask, max_length=6)
+        assert torch.equal(generated, fp32_generated)
+        torch.testing.assert_close(scores, fp32_scores, atol=1e-2, rtol=0)
+        assert (scores - fp32_scores).abs().max() > 1e-5  # bf16 really ran (the projections rounded)
+
+
 def test_padded_missing_passages_change_nothing():
     model = tiny_fid(seed=9)
     ids, mask = passages(B=2, N=2, L=7, seed=10)

@@ -1,14 +1,19 @@
-"""train_reader.py and test_reader.py end to end, in one process and with torchrun (gloo)."""
+"""train_reader.py and test_reader.py end to end, in one process and with torchrun (gloo); one
+two-process check that is fast (processes forked from the test's, not fresh interpreters)."""
 
 import json
 import os
 import random
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch.multiprocessing as mp
 
+import test_reader
+from src.cli import close_loggers
 from src.data.questions import load_questions
 from src.toy.tiny_models import save_tiny_t5
 
@@ -139,3 +144,47 @@ def test_bad_eval_file_is_a_clear_error(setup, tmp_path):
     )  # fmt: skip
     assert proc.returncode == 2
     assert f"{bad}, example 0, ctx 0: expected an object with a string 'text'" in proc.stderr
+
+
+def _test_reader_rank(rank: int, world_size: int, port: int, args: list[str]) -> None:
+    """One rank of `torchrun --nproc_per_node world_size test_reader.py args`, in a forked process."""
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
+    try:
+        test_reader.main(args)
+    finally:
+        close_loggers()
+
+
+def test_two_forked_processes_score_what_one_process_scores(setup, tmp_path):
+    """Not slow: test_reader.py's main in 2 processes forked from this one (gloo, the torchrun
+    variables; no interpreter imports torch again), against one process: each rank takes every
+    second example, rank 0 writes the merge, every example exactly once, same answers and scores."""
+    root, model_dir = setup
+
+    def args(name: str) -> list[str]:
+        return [
+            "--model_path", str(model_dir), "--eval_data", str(root / "dev.json"), "--checkpoint_dir", str(tmp_path),
+            "--name", name, "--write_results", "--write_crossattention_scores", "--per_gpu_batch_size", "2",
+            *COMMON[:4], "--device", "cpu",
+        ]  # fmt: skip
+
+    try:
+        test_reader.main(args("one"))
+    finally:
+        close_loggers()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_test_reader_rank, args=(2, port, args("two")), nprocs=2, join=True, start_method="fork")
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert (two / "final_output.txt").read_bytes() == (one / "final_output.txt").read_bytes()
+    lines = (two / "final_output.txt").read_text().splitlines()
+    assert [line.split("\t")[0] for line in lines] == [f"q{i}" for i in range(6)]  # each example once, in order
+    scored, alone = load_questions(two / "dataset_wscores.json"), load_questions(one / "dataset_wscores.json")
+    assert [ex["id"] for ex in scored] == [f"q{i}" for i in range(6)]
+    for a, b in zip(scored, alone):
+        assert [c["score"] for c in a["ctxs"][:2]] == pytest.approx([c["score"] for c in b["ctxs"][:2]], abs=1e-5)
+        assert a["ctxs"][2]["retriever_score"] == 0.5 and "score" not in a["ctxs"][2]
+    assert "2 processes" in (two / "run.log").read_text()

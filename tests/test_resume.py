@@ -10,13 +10,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import T5Config
 
+import src.reader.task
+import train_reader
+from src.cli import close_loggers
 from src.modeling import dropout_rates, set_dropout
 from src.reader.model import FiDT5
+from src.reader.task import generate_answers
 from src.retriever.model import Retriever
 from src.toy.tiny_models import save_tiny_bert, save_tiny_t5, tiny_t5_config
 
@@ -171,6 +176,35 @@ def straight(world):
     run(command("train_reader.py", reader_args(world, "straight")))
     assert step_of(world, "straight") == 10
     return weights(world, "straight")
+
+
+def test_evaluation_leaves_the_training_random_state_alone(world, monkeypatch):
+    """Not slow, in this process: with an evaluation that draws from Python's, numpy's and
+    torch's generators, evaluating at every step gives the weights (dropout 0.1) and the random
+    state of a run that evaluates only at its end."""
+    drawn = []
+
+    def drawing_generate_answers(*args, **kwargs):
+        drawn.append((random.random(), np.random.rand(), torch.rand(1).item()))
+        return generate_answers(*args, **kwargs)
+
+    monkeypatch.setattr(src.reader.task, "generate_answers", drawing_generate_answers)
+
+    def train(name: str, eval_freq: int):
+        drawn.clear()
+        args = [*reader_args(world, name, total_steps=3), "--accumulation_steps", "1", "--eval_freq", str(eval_freq)]
+        try:
+            train_reader.main(args)
+        finally:
+            close_loggers()
+        return len(drawn), weights(world, name), (random.random(), np.random.rand(), torch.rand(1).item())
+
+    evals, every_step, state = train("eval_every_step", 1)
+    evals_at_end, at_end, state_at_end = train("eval_at_end", 100)
+    assert (evals, evals_at_end) == (3, 1)
+    assert max_difference(every_step, at_end) == 0.0
+    assert state == state_at_end
+    assert max_difference(every_step, load_file(world[1] / "model.safetensors")) > 1e-4  # it trained
 
 
 @pytest.mark.slow

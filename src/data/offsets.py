@@ -36,7 +36,7 @@ from src.files import ProcessFile, atomic_write
 
 logger = logging.getLogger("fid.questions")  # a child of the scripts' "fid" logger
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: first_invalid also flags lone surrogates (validate_example)
 CHUNK_BYTES = 1 << 24
 # Smaller files are indexed again each time (a fraction of a second) rather than leave a
 # cache file beside every small dev set and toy file.

@@ -250,6 +250,19 @@ def parse_score(value: Any, where: str) -> float:
     return score
 
 
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a JSON escape like "\\ud800" without its pair
+
+
+def _check_unicode(value: Any, where: str, field: str) -> None:
+    """Strings the scripts tokenize or write as text must be valid Unicode: a lone surrogate
+    (JSON allows the escape) breaks the tokenizers and UTF-8 output."""
+    if isinstance(value, str) and not value.isascii() and (bad := _LONE_SURROGATE.search(value)):
+        raise DataError(
+            f"{where}: {field!r} is not valid Unicode: a lone surrogate {bad.group()!r} at character "
+            f"{bad.start() + 1} (a JSON \\u escape without its pair)"
+        )
+
+
 def validate_example(ex: Any, where: str) -> None:
     if not isinstance(ex, dict):
         raise DataError(f"{where}: expected an object, got {type(ex).__name__}")
@@ -260,6 +273,10 @@ def validate_example(ex: Any, where: str) -> None:
     answers = ex.get("answers")
     if answers is not None and (not isinstance(answers, list) or not all(isinstance(a, str) for a in answers)):
         raise DataError(f"{where}: 'answers' must be a list of strings")
+    for field in ("id", "question", "target"):
+        _check_unicode(ex.get(field), where, field)
+    for answer in answers or ():
+        _check_unicode(answer, where, "answers")
     ctxs = ex.get("ctxs", [])
     if not isinstance(ctxs, list):
         raise DataError(f"{where}: 'ctxs' must be a list")
@@ -268,6 +285,8 @@ def validate_example(ex: Any, where: str) -> None:
             raise DataError(f"{where}, ctx {j}: expected an object with a string 'text'")
         if "title" in c and not isinstance(c["title"], str):
             raise DataError(f"{where}, ctx {j}: 'title' must be a string")
+        _check_unicode(c["text"], f"{where}, ctx {j}", "text")
+        _check_unicode(c.get("title"), f"{where}, ctx {j}", "title")
         if "score" in c:
             parse_score(c["score"], f"{where}, ctx {j}")
 
@@ -323,13 +342,20 @@ def write_questions(path: str | Path, examples: Iterable[dict[str, Any]]) -> Non
         if not jsonl:
             f.write("[")
         for k, ex in enumerate(examples):
-            if jsonl:
-                f.write(json.dumps(ex, ensure_ascii=False) + "\n")
-            else:
+            if not jsonl:
                 f.write(",\n" if k else "\n")
-                f.write(json.dumps(ex, indent=1, ensure_ascii=False))
+            try:
+                f.write(_dumps(ex, jsonl, ensure_ascii=False))
+            except UnicodeEncodeError:  # a lone surrogate in a field kept as it came: written back as its \u escape
+                f.write(_dumps(ex, jsonl, ensure_ascii=True))
         if not jsonl:
             f.write("\n]\n")
+
+
+def _dumps(ex: dict[str, Any], jsonl: bool, ensure_ascii: bool) -> str:
+    if jsonl:
+        return json.dumps(ex, ensure_ascii=ensure_ascii) + "\n"
+    return json.dumps(ex, indent=1, ensure_ascii=ensure_ascii)
 
 
 def rank_ctxs(ex: dict[str, Any]) -> None:

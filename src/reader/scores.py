@@ -299,7 +299,12 @@ def answer_logprob(model, input_ids, attention_mask, labels, **generate_kwargs):
 @register("loop", "mean_t -log p(y_t | y_<t, all read passages but j): leave-one-out perplexity", True)
 def loop(model, input_ids, attention_mask, labels, loo_chunk: int = 8, **generate_kwargs):
     """One encoder pass; then, `loo_chunk` left-out passages at a time, one teacher-forced
-    decoder pass over the other passages (the left-out one is masked, not re-encoded)."""
+    decoder pass over the other passages (the left-out one is masked, not re-encoded).
+
+    When j is the only passage read, nothing is left: the score is that of the reader reading
+    no passage, −mean_t log p(y_t | y_<t) with a cross-attention that adds nothing (one key
+    whose state is zero: k = v = 0), the same in any batch and layout. (All keys masked would
+    attend uniformly to whatever positions the batch's layout holds.)"""
     B, N, L = input_ids.shape
     encoder_outputs, layout = model.encode_passages(input_ids, attention_mask)  # (B, S, d), mask (B, S)
     states = encoder_outputs.last_hidden_state
@@ -311,6 +316,10 @@ def loop(model, input_ids, attention_mask, labels, loo_chunk: int = 8, **generat
         c = len(left_out)
         loo_mask = layout.without(left_out)  # (B·c, S)
         loo_states = states[:, None].expand(B, c, S, states.shape[-1]).reshape(B * c, S, -1)
+        nothing = ~loo_mask.bool().any(-1)  # (B·c,) the left-out passage was the only one read
+        if nothing.any():  # those rows read one key of zero state (masked_fill: `states` is left alone)
+            loo_states = loo_states.masked_fill(nothing[:, None, None], 0.0)
+            loo_mask[:, 0] |= nothing.to(loo_mask.dtype)
         logp = _token_logprobs(model, loo_states, loo_mask, labels.repeat_interleave(c, dim=0))  # (B·c, T)
         scores[:, start : start + c] = -(logp.sum(-1).view(B, c) / n_tokens[:, None])
     return _generate(model, encoder_outputs, layout, **generate_kwargs), _real(scores, attention_mask)
