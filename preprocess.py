@@ -1,4 +1,4 @@
-"""Turn public QA files into our question format (README "Question format").
+"""Turn public QA files into our question format (docs/scripts.md).
 
 Four modes, one per way people arrive:
 

@@ -22,7 +22,7 @@ the new reader's scores on those passages, its own earlier mistakes included. "B
 distillation" in the report is always the random starting retriever. With no data
 arguments the toy world of `src/toy/world.py` is generated into the run directory, with BM25
 as the first stage and tiny model directories, and the retriever trains with
-`--in_batch_negatives` (BM25's lists there hold only look-alike passages; see README).
+`--in_batch_negatives` (BM25's lists there hold only look-alike passages; see docs/toy-loop.md).
 
 Writes `report.md` and `report.json` (one entry per round) in the run directory and
 prints its path on the last line. Tensorboard: `tensorboard --logdir <run dir>`.

@@ -4,7 +4,7 @@
         --model_size base --per_gpu_batch_size 1 --n_context 100 --name my_experiment
 
 Multi-GPU: `torchrun --nproc_per_node 8 train_reader.py ...`. A run whose directory
-already holds `checkpoint/latest` resumes from it (README "Run directory", Resuming).
+already holds `checkpoint/latest` resumes from it (docs/distributed.md, resuming).
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
         logger.warning(warning)
 
     # Data first: a bad file should fail before a large model loads. Read on demand: each
-    # process holds only the offsets of the examples (README "Question format").
+    # process holds only the offsets of the examples (docs/scripts.md).
     train_examples = QuestionFile(opt.train_data, opt.maxload, rank=True)
     require_targets(train_examples, opt.train_data)
     train_dataset = ReaderDataset(train_examples, opt.n_context, opt.no_title, seed=opt.seed, source=opt.train_data)

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> None:
         logger.warning(warning)
 
     # Data first: a bad file should fail before a large model loads. Read on demand: each
-    # process holds only the offsets of the examples (README "Question format").
+    # process holds only the offsets of the examples (docs/scripts.md).
     train_examples = QuestionFile(opt.train_data, opt.maxload, rank=True)
     train_dataset = RetrieverDataset(train_examples, opt.n_context, opt.no_title, source=opt.train_data)
     eval_examples = QuestionFile(opt.eval_data, opt.maxload, rank=True) if opt.eval_data != "none" else []

@@ -1,4 +1,4 @@
-"""Every command-line flag, grouped as in the original FiD (README "The scripts").
+"""Every command-line flag, grouped as in the original FiD (docs/scripts.md).
 
 Scripts pick the groups they need; `save_options` writes the parsed options as plain
 JSON (never a pickled argparse object) and a readable `opt.log` marking non-defaults.

@@ -1,4 +1,4 @@
-"""Datasets and collators: question files → tensors (README "Question format"; papers [1] §3, [2] §3).
+"""Datasets and collators: question files → tensors (docs/scripts.md; papers [1] §3, [2] §3).
 
 How a question and a passage read as text (`format_question`, `format_passage`) is shared
 by the reader, the retriever and the corpus scripts, at training and at retrieval time.

@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule of the original FiD (README "1. Train a reader")."""
+"""Optimizer and learning-rate schedule of the original FiD (docs/scripts.md)."""
 
 from __future__ import annotations
 
