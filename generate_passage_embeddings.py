@@ -1,4 +1,4 @@
-"""Embed the passages with a trained retriever, one shard per process (README "4. Embed the passages").
+"""Embed the passages with a trained retriever, one shard per process (docs/scripts.md).
 
     python generate_passage_embeddings.py --model_path <retriever_dir> --passages psgs_w100.tsv \
         --output_path wikipedia_embeddings/wiki --shard_id 0 --num_shards 10 --per_gpu_batch_size 500

@@ -1,4 +1,4 @@
-"""Retrieve passages for every question with a trained retriever and a FAISS index (README "5. Retrieve").
+"""Retrieve passages for every question with a trained retriever and a FAISS index (docs/corpus-at-scale.md).
 
     python passage_retrieval.py --model_path <retriever_dir> --passages psgs_w100.tsv \
         --data_path data.json --passages_embeddings "wikipedia_embeddings/wiki_*" \

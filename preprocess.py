@@ -1,4 +1,4 @@
-"""Turn public QA files into our question format (README "Question format").
+"""Turn public QA files into our question format (docs/scripts.md).
 
 Four modes, one per way people arrive:
 
@@ -659,8 +659,10 @@ def build_parser() -> argparse.ArgumentParser:
     fid.add_argument("download_dir", help="the downloaded public and FiD files")
     fid.add_argument("output_dir", help="where NQ/ and TQA/ are written; holds psgs_w100.tsv")
     fid.add_argument("--passages", help="passages TSV (default: OUTPUT_DIR/psgs_w100.tsv)")
-    fid.add_argument("--datasets", nargs="+", choices=("NQ", "TQA"), default=["NQ", "TQA"])
-    fid.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS))
+    fid.add_argument(
+        "--datasets", nargs="+", choices=("NQ", "TQA"), default=["NQ", "TQA"], help="which datasets (default: both)"
+    )
+    fid.add_argument("--splits", nargs="+", choices=SPLITS, default=list(SPLITS), help="which splits (default: all)")
     skip_flag(fid)
 
     dpr = modes.add_parser(

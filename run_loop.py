@@ -22,7 +22,7 @@ the new reader's scores on those passages, its own earlier mistakes included. "B
 distillation" in the report is always the random starting retriever. With no data
 arguments the toy world of `src/toy/world.py` is generated into the run directory, with BM25
 as the first stage and tiny model directories, and the retriever trains with
-`--in_batch_negatives` (BM25's lists there hold only look-alike passages; see README).
+`--in_batch_negatives` (BM25's lists there hold only look-alike passages; see docs/toy-loop.md).
 
 Writes `report.md` and `report.json` (one entry per round) in the run directory and
 prints its path on the last line. Tensorboard: `tensorboard --logdir <run dir>`.
@@ -34,6 +34,7 @@ import argparse
 import time
 from pathlib import Path
 
+from src.options import HelpFormatter
 from src.reader.scores import SCORE_KINDS
 from src.retriever.losses import LOSSES
 from src.toy.compare import DEFAULT_SIGNALS, run_comparison
@@ -45,7 +46,7 @@ ROOT = Path(__file__).resolve().parent
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Run the FiD read → score → distill → index → retrieve loop over the real scripts.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     g = p.add_argument_group("data (all four, or none for the toy world)")
     g.add_argument("--train_data", help="question file with first-stage ctxs")
@@ -55,53 +56,79 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("models")
     g.add_argument(
         "--reader_model",
-        help="starting T5, hub name or dir (default t5-base; toy world: a tiny T5 built in the run dir)",
+        help="starting T5, hub name or dir (unset: t5-base on real data, a tiny T5 built in the run dir for the toy world)",
     )
     g.add_argument(
         "--retriever_model",
-        help="starting BERT-like encoder or saved retriever (default bert-base-uncased; toy world: a tiny BERT)",
+        help="starting BERT-like encoder or saved retriever (unset: bert-base-uncased on real data, a tiny BERT for "
+        "the toy world)",
     )
     g = p.add_argument_group("loop")
-    g.add_argument("--output_dir", help="run directory (default: runs/loop-<date-time>)")
-    g.add_argument("--rounds", type=int, default=2)
+    g.add_argument("--output_dir", help="run directory (unset: runs/loop-<date-time>)")
+    g.add_argument(
+        "--rounds", type=int, default=2, help="rounds of the loop; round r > 1 starts from round r-1's models"
+    )
     g.add_argument("--nproc", type=int, default=1, help="torchrun processes per training/scoring step")
     g.add_argument("--quick", action="store_true", help="a small world and few steps (for the test suite)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--precision", default="bf16", choices=["fp32", "bf16", "fp16"])
-    g.add_argument("--device", default=None, help="cuda / cpu (default: the scripts' choice)")
+    g.add_argument("--seed", type=int, default=0, help="random seed of the toy world and of every step")
+    g.add_argument(
+        "--precision",
+        default="bf16",
+        choices=["fp32", "bf16", "fp16"],
+        help="--precision of every step (autocast dtype; fp16 is meant for GPUs)",
+    )
+    g.add_argument(
+        "--device", default=None, help="cuda / cpu for every step (unset: each script's choice, cuda when available)"
+    )
     add_step_options(p)
     g = p.add_argument_group("toy world")
-    g.add_argument("--toy_entities", type=int, default=500)
+    g.add_argument(
+        "--toy_entities",
+        type=int,
+        default=500,
+        help="invented entities of the toy world (6 passages and questions each)",
+    )
     return p
 
 
 def add_step_options(p: argparse.ArgumentParser) -> None:
     """The reader's and the retriever's flags."""
     g = p.add_argument_group("reader")
-    g.add_argument("--n_context", type=int, default=None, help="passages per question (toy: 10, else 100)")
-    g.add_argument("--text_maxlength", type=int, default=None, help="toy: 32, else 200")
-    g.add_argument("--generation_max_length", type=int, default=50)
-    g.add_argument("--reader_steps", type=int, default=300)
-    g.add_argument("--reader_batch_size", type=int, default=8)
-    g.add_argument("--reader_lr", type=float, default=1e-4)
-    g.add_argument("--reader_eval_freq", type=int, default=100)
-    g.add_argument("--no_title", action="store_true", default=None, help="(toy default: on)")
-    g.add_argument("--score_maxload", type=int, default=-1, help="score at most this many train questions")
+    g.add_argument(
+        "--n_context", type=int, default=None, help="passages the reader reads per question (unset: toy 10, else 100)"
+    )
+    g.add_argument(
+        "--text_maxlength", type=int, default=None, help="max tokens of question + passage (unset: toy 32, else 200)"
+    )
+    g.add_argument(
+        "--generation_max_length",
+        type=int,
+        default=50,
+        help="test_reader.py's decoding length (counts the start token)",
+    )
+    g.add_argument("--reader_steps", type=int, default=300, help="train_reader.py --total_steps")
+    g.add_argument("--reader_batch_size", type=int, default=8, help="train_reader.py --per_gpu_batch_size")
+    g.add_argument("--reader_lr", type=float, default=1e-4, help="train_reader.py --lr")
+    g.add_argument("--reader_eval_freq", type=int, default=100, help="train_reader.py --eval_freq (dev EM, best_dev)")
+    g.add_argument(
+        "--no_title", action="store_true", default=None, help="leave passage titles out (unset: on for the toy world)"
+    )
+    g.add_argument("--score_maxload", type=int, default=-1, help="score at most this many train questions (-1: all)")
     g = p.add_argument_group("retriever")
-    g.add_argument("--retriever_steps", type=int, default=600)
-    g.add_argument("--retriever_batch_size", type=int, default=16)
-    g.add_argument("--retriever_lr", type=float, default=3e-3)
+    g.add_argument("--retriever_steps", type=int, default=600, help="train_retriever.py --total_steps")
+    g.add_argument("--retriever_batch_size", type=int, default=16, help="train_retriever.py --per_gpu_batch_size")
+    g.add_argument("--retriever_lr", type=float, default=3e-3, help="train_retriever.py --lr")
     g.add_argument(
         "--retriever_n_context",
         type=int,
         default=None,
-        help="passages per question in distillation (≤ --n_context, the ones the reader scored)",
+        help="passages per question in distillation, at most --n_context: the ones the reader scored (unset: --n_context)",
     )
     g.add_argument(
         "--in_batch_negatives",
         action="store_true",
         default=None,
-        help="pass train_retriever.py --in_batch_negatives (default: on for the toy world, off for real data)",
+        help="pass train_retriever.py --in_batch_negatives (unset: on for the toy world, off for real data)",
     )
     g.add_argument(
         "--no_in_batch_negatives",
@@ -116,7 +143,7 @@ def add_step_options(p: argparse.ArgumentParser) -> None:
         choices=list(SCORE_KINDS),
         default=None,
         metavar="KIND",
-        help="instead of the rounds: one reader, then one retriever distilled per signal (default signals: "
+        help="instead of the rounds: one reader, then one retriever distilled per signal (no KIND given: "
         + ", ".join(DEFAULT_SIGNALS)
         + "; answer_logprob with --retriever_loss emdr), and one table (compare.md)",
     )
@@ -132,10 +159,21 @@ def add_step_options(p: argparse.ArgumentParser) -> None:
         default="kl",
         help="train_retriever.py --retriever_loss (emdr wants --score_kind answer_logprob)",
     )
-    g.add_argument("--indexing_dimension", type=int, default=None, help="toy: 64, else 768")
-    g.add_argument("--question_maxlength", type=int, default=None, help="toy: 16, else 40")
-    g.add_argument("--passage_maxlength", type=int, default=None, help="toy: 32, else 200")
-    g.add_argument("--n_docs", type=int, default=None, help="passages retrieved per question (≥ 20)")
+    g.add_argument(
+        "--indexing_dimension", type=int, default=None, help="retriever embedding size (unset: toy 64, else 768)"
+    )
+    g.add_argument(
+        "--question_maxlength", type=int, default=None, help="retriever's question tokens (unset: toy 16, else 40)"
+    )
+    g.add_argument(
+        "--passage_maxlength", type=int, default=None, help="retriever's passage tokens (unset: toy 32, else 200)"
+    )
+    g.add_argument(
+        "--n_docs",
+        type=int,
+        default=None,
+        help="passages retrieved per question (at least 20 and --n_context; unset: the larger of the two)",
+    )
 
 
 def get_options(argv: list[str] | None = None) -> argparse.Namespace:

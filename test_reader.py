@@ -18,7 +18,7 @@ from typing import Any
 
 from src import distributed as dist
 from src.cli import cli, finish, start_run, warn_ignored
-from src.data.datasets import ReaderCollator, ReaderDataset
+from src.data.datasets import ReaderCollator, ReaderDataset, unread_ctxs
 from src.data.offsets import QuestionFile
 from src.data.questions import require_targets, write_questions
 from src.files import atomic_write
@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> None:
         warn_ignored(opt, options.given, SCORES_ONLY, logger)
 
     dataset = ReaderDataset(examples, opt.n_context, opt.no_title, source=opt.eval_data, first_answer=True)
+    if "n_context" not in options.given and (warning := unread_ctxs(examples, opt.n_context, opt.eval_data)):
+        logger.warning(warning)
     fallback_tokenizer = opt.model_name_or_path or f"t5-{opt.model_size}"
     model, tokenizer = load_reader(
         opt.model_path, opt.tokenizer_name_or_path, fallback_tokenizer, packing=not opt.no_packing, log=logger
@@ -98,7 +100,12 @@ def main(argv: list[str] | None = None) -> None:
             logger.info("answers written to %s", run_dir / "final_output.txt")
         if opt.write_crossattention_scores:
             write_questions(run_dir / "dataset_wscores.json", with_scores(examples, results, opt.n_context))
-            logger.info("cross-attention scores written to %s", run_dir / "dataset_wscores.json")
+            logger.info(
+                "reader scores (--score_kind %s) of the first %d ctxs written to %s",
+                opt.score_kind,
+                opt.n_context,
+                run_dir / "dataset_wscores.json",
+            )
     dist.barrier()
     finish()
 

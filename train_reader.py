@@ -4,20 +4,20 @@
         --model_size base --per_gpu_batch_size 1 --n_context 100 --name my_experiment
 
 Multi-GPU: `torchrun --nproc_per_node 8 train_reader.py ...`. A run whose directory
-already holds `checkpoint/latest` resumes from it (README "Run directory", Resuming).
+already holds `checkpoint/latest` resumes from it (docs/distributed.md, resuming).
 """
 
 from __future__ import annotations
 
 from src.cli import cli, finish, start_run, warn_ignored
-from src.data.datasets import ReaderDataset
+from src.data.datasets import ReaderDataset, unread_ctxs
 from src.data.offsets import QuestionFile
 from src.data.questions import require_targets
 from src.modeling import count_params, set_dropout
 from src.options import Options, config_from, train_config
 from src.reader.task import ReaderConfig, load_reader, reader_task
 from src.train import checkpoint
-from src.train.optim import unused_flags
+from src.train.optim import schedule_pitfalls, unused_flags
 from src.train.trainer import train
 
 # Every flag of the groups this script takes is used here; those optimisation flags that the
@@ -34,15 +34,19 @@ def main(argv: list[str] | None = None) -> None:
     run_dir, logger, runtime = start_run(opt, options, lock=True, ignored=IGNORED)
     train_cfg, reader_cfg = train_config(opt), config_from(ReaderConfig, opt)
     warn_ignored(opt, options.given, unused_flags(train_cfg.optim), logger)
+    for warning in schedule_pitfalls(train_cfg.optim, train_cfg.accumulation_steps):
+        logger.warning(warning)
 
     # Data first: a bad file should fail before a large model loads. Read on demand: each
-    # process holds only the offsets of the examples (README "Question format").
+    # process holds only the offsets of the examples (docs/scripts.md).
     train_examples = QuestionFile(opt.train_data, opt.maxload, rank=True)
     require_targets(train_examples, opt.train_data)
     train_dataset = ReaderDataset(train_examples, opt.n_context, opt.no_title, seed=opt.seed, source=opt.train_data)
     eval_examples = QuestionFile(opt.eval_data, opt.maxload, rank=True) if opt.eval_data != "none" else []
     eval_dataset = ReaderDataset(eval_examples, opt.n_context, opt.no_title, source=opt.eval_data)
     logger.info("%d training examples, %d dev examples", len(train_dataset), len(eval_dataset))
+    if "n_context" not in options.given and (warning := unread_ctxs(train_examples, opt.n_context, opt.train_data)):
+        logger.warning(warning)
 
     default_model = f"t5-{opt.model_size}"
     model_dir, resume_dir = checkpoint.start_point(run_dir, opt.model_path, opt.model_name_or_path, default_model)

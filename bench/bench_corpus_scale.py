@@ -1,6 +1,6 @@
 """FAISS index kinds as the corpus grows: build time, search time, peak memory, index bytes
 per passage and recall@k against flat, fitted per passage and projected to the 21,015,324
-passages of psgs_w100.tsv on 1, 2, 4 and 8 ranks (README "5. Retrieve").
+passages of psgs_w100.tsv on 1, 2, 4 and 8 ranks (docs/corpus-at-scale.md).
 
     python bench/bench_corpus_scale.py                     # 250k and 500k passages: ~15 min on 2 cores
     python bench/bench_corpus_scale.py --sizes 250000,500000,1000000,2000000 --results /tmp/scale.jsonl

@@ -1,4 +1,4 @@
-"""Packing benchmark (README "Speed"): the length-bucketed encoder and the cross-attention
+"""Packing benchmark (docs/speed.md): the length-bucketed encoder and the cross-attention
 over real tokens only (default) against the original padded path (`--no_packing`),
 measured side by side, interleaved, in one run. Prints ratios (old time / new time).
 

@@ -1,4 +1,4 @@
-"""Process groups and collective helpers (README "Distributed training and evaluation").
+"""Process groups and collective helpers (docs/distributed.md).
 
 One init for a single process, `torchrun` (RANK / LOCAL_RANK / WORLD_SIZE) and SLURM
 `srun` (SLURM_* variables). NCCL on GPU, gloo on CPU, so every distributed path runs

@@ -1,5 +1,5 @@
 """Metrics as pure functions: reader EM (paper [1]), DPR hasanswer and top-k accuracy
-(README "5. Retrieve"), retriever ranking metrics (paper [2])."""
+(docs/corpus-at-scale.md), retriever ranking metrics (paper [2])."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Every command-line flag, grouped as in the original FiD (README "The scripts").
+"""Every command-line flag, grouped as in the original FiD (docs/scripts.md).
 
 Scripts pick the groups they need; `save_options` writes the parsed options as plain
 JSON (never a pickled argparse object) and a readable `opt.log` marking non-defaults.
@@ -43,11 +43,26 @@ def positive_int(text: str) -> int:
     return value
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help states each default once. "(default: X)" is appended to a flag with a value; a flag
+    whose default is None says in its own words what happens when it is unset, and a switch
+    (store_true) is off unless given, so neither gets "(default: None)" / "(default: False)"."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def first_paragraph(doc: str | None) -> str:
+    """A registry entry's docstring as one line of --help: its first paragraph, without the final period."""
+    paragraph = (doc or "").strip().split("\n\n")[0]
+    return " ".join(paragraph.split()).rstrip(".")
+
+
 class Options:
     def __init__(self, description: str | None = None):
-        self.parser = argparse.ArgumentParser(
-            description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter
-        )
+        self.parser = argparse.ArgumentParser(description=description, formatter_class=HelpFormatter)
         self.add_common_options()
 
     def add_common_options(self) -> None:
@@ -64,14 +79,14 @@ class Options:
             "--model_name_or_path",
             type=str,
             default=None,
-            help="pretrained weights of a fresh run: hub name or local dir (default: t5-<model_size> for the "
+            help="pretrained weights of a fresh run: hub name or local dir (unset: t5-<model_size> for the "
             "reader, bert-base-uncased for the retriever)",
         )
         g.add_argument(
             "--tokenizer_name_or_path",
             type=str,
             default=None,
-            help="tokenizer (default: the model directory when it holds a tokenizer)",
+            help="tokenizer, hub name or local dir (unset: the model directory when it holds a tokenizer)",
         )
         g.add_argument("--per_gpu_batch_size", type=positive_int, default=1, help="batch size per GPU/process")
         g.add_argument("--maxload", type=int, default=-1, help="read at most this many examples (-1: all)")
@@ -90,7 +105,7 @@ class Options:
             "works on CPUs too; fp16 is meant for GPUs",
         )
         g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
-        g.add_argument("--device", type=str, default=None, help="cuda / cpu (default: cuda when available)")
+        g.add_argument("--device", type=str, default=None, help="cuda / cpu (unset: cuda when available)")
 
     def add_reader_options(self) -> None:
         g = self.parser.add_argument_group("reader")
@@ -115,8 +130,8 @@ class Options:
             "--no_packing",
             action="store_true",
             help="the original padded path: encode every passage at --text_maxlength and cross-attend to padding too "
-            "(default: length-bucketed encoder, cross-attention over real tokens only; same outputs up to float "
-            "rounding, faster; README 'Speed')",
+            "(without it: length-bucketed encoder, cross-attention over real tokens only; same outputs up to "
+            "float rounding, faster; docs/speed.md)",
         )
 
     def add_retriever_options(self) -> None:
@@ -145,7 +160,7 @@ class Options:
             choices=list(LOSSES),
             default="kl",
             help="how the retriever learns from the reader's scores: "
-            + "; ".join(f"{name}: {(fn.__doc__ or '').strip().splitlines()[0]}" for name, fn in LOSSES.items()),
+            + "; ".join(f"{name}: {first_paragraph(fn.__doc__)}" for name, fn in LOSSES.items()),
         )
 
     def add_optim_options(self) -> None:
@@ -158,7 +173,7 @@ class Options:
             "--scheduler_steps",
             type=int,
             default=None,
-            help="--scheduler linear: total steps of the schedule (default: total_steps); the lr reaches 0 there",
+            help="--scheduler linear: total steps of the schedule, where the lr reaches 0 (unset: --total_steps)",
         )
         g.add_argument("--accumulation_steps", type=positive_int, default=1, help="batches per optimizer step")
         g.add_argument(
@@ -171,8 +186,16 @@ class Options:
         )
         g.add_argument("--lr", type=float, default=1e-4, help="learning rate")
         g.add_argument("--clip", type=float, default=1.0, help="gradient norm clipping")
-        g.add_argument("--optim", type=str, default="adam", choices=["adam", "adamw"])
-        g.add_argument("--scheduler", type=str, default="fixed", choices=["fixed", "linear"])
+        g.add_argument(
+            "--optim", type=str, default="adam", choices=["adam", "adamw"], help="optimizer (adamw: --weight_decay)"
+        )
+        g.add_argument(
+            "--scheduler",
+            type=str,
+            default="fixed",
+            choices=["fixed", "linear"],
+            help="learning rate schedule: fixed (constant --lr) or linear (--warmup_steps up, then down to 0)",
+        )
         g.add_argument("--weight_decay", type=float, default=0.1, help="--optim adamw's weight decay (adam has none)")
         g.add_argument("--fixed_lr", action="store_true", help="linear scheduler: flat after warmup")
 
@@ -182,7 +205,8 @@ class Options:
         g.add_argument(
             "--write_crossattention_scores",
             action="store_true",
-            help="write dataset_wscores.json: every ctx scored by the reader's cross-attention",
+            help="write dataset_wscores.json: the eval file with the reader's score (--score_kind) in the first "
+            "--n_context ctxs of each example, the ones it read; later ctxs keep theirs as retriever_score",
         )
         g.add_argument(
             "--score_kind",

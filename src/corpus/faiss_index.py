@@ -1,6 +1,6 @@
 """FAISS inner-product index over passage embeddings, with the map from FAISS rows to passage ids.
 
-Kinds (`KINDS`, the `--index_type` choices; bytes per passage for dim d, README "5. Retrieve"):
+Kinds (`KINDS`, the `--index_type` choices; bytes per passage for dim d, docs/corpus-at-scale.md):
 "flat" (exact, 4d, the default), "sqfp16" / "sq8" (scalar quantizers: 2d / d bytes),
 "pq" (product quantization: `n_subquantizers` codes of `n_bits` bits, as the original's
 `--n-subquantizers`), "ivf" (inverted lists over full vectors), "ivfpq" (inverted lists

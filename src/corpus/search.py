@@ -1,5 +1,5 @@
 """Passage retrieval over embedding shards, in one process or in W `torchrun` processes
-(README "5. Retrieve"): each process's share of the shards and its index, chunked search,
+(docs/corpus-at-scale.md): each process's share of the shards and its index, chunked search,
 and the merge of every process's top k into the global top k.
 
 Corpus order: the shard files in sorted glob order, the rows of each in file order; a

@@ -1,4 +1,4 @@
-"""Datasets and collators: question files → tensors (README "Question format"; papers [1] §3, [2] §3).
+"""Datasets and collators: question files → tensors (docs/scripts.md; papers [1] §3, [2] §3).
 
 How a question and a passage read as text (`format_question`, `format_passage`) is shared
 by the reader, the retriever and the corpus scripts, at training and at retrieval time.
@@ -34,6 +34,19 @@ def format_passage(title: str, text: str, no_title: bool = False) -> str:
 # ---------------------------------------------------------------------------
 # Reader
 # ---------------------------------------------------------------------------
+
+
+def unread_ctxs(examples: Sequence[dict], n_context: int, source: str) -> str | None:
+    """A warning when the examples hold more ctxs than `n_context` reads (call it when --n_context
+    was left at its default of 1): the rest are silently never read or scored."""
+    n_ctxs = facts(examples).n_ctxs
+    if not len(n_ctxs) or int(n_ctxs.max()) <= n_context:
+        return None
+    return (
+        f"{source}: its examples hold up to {int(n_ctxs.max())} ctxs (median {int(np.median(n_ctxs))}), but "
+        f"--n_context is {n_context} (its default): only the first {n_context} of each example are read; "
+        f"pass --n_context {int(n_ctxs.max())} to read them all"
+    )
 
 
 class ReaderDataset(torch.utils.data.Dataset):

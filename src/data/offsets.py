@@ -1,4 +1,4 @@
-"""Question files read on demand (README "Question format"): a byte-offset index of the
+"""Question files read on demand (docs/scripts.md): a byte-offset index of the
 examples, cached beside the file, and a sequence that reads one example when asked.
 
 NQ train with 100 passages per question is a ~5 GB JSON file: loaded whole it costs tens

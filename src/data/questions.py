@@ -1,4 +1,4 @@
-"""Question files in and out (README "Question format"): read, validate, order, write.
+"""Question files in and out (docs/scripts.md): read, validate, order, write.
 
 Question file: a JSON list or JSON lines, one example per entry:
 `{id?, question, target?, answers?, ctxs: [{id?, title, text, score?, hasanswer?}]}`.

@@ -1,4 +1,4 @@
-"""Convert a checkpoint of the original FiD code (README "Released checkpoints"):
+"""Convert a checkpoint of the original FiD code (docs/parity.md):
 
     python -m src.reader.convert convert-legacy pretrained_models/nq_reader_base nq_reader_base_ours --legacy_bias keep
 

@@ -70,7 +70,7 @@ class FiDT5(transformers.T5ForConditionalGeneration):
     # -- encoder ---------------------------------------------------------------
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> EncodedPassages:
-        """The encoder over (B, N, L) passages. With `packing` (the default; README "Speed")
+        """The encoder over (B, N, L) passages. With `packing` (the default; docs/speed.md)
         the passages are encoded in length buckets and the decoder reads real tokens only;
         `packing = False` (`--no_packing`) is the original path, every position encoded."""
         if input_ids.dim() != 3:
@@ -211,6 +211,6 @@ class FiDT5(transformers.T5ForConditionalGeneration):
             (logger or logging.getLogger("fid")).warning(
                 "saved %s as plain T5 without the legacy cross-attention bias: its answers, losses and "
                 "scores differ from the original model's (scores by about the mean of the bias table's "
-                "bucket 0 over heads; see README)",
+                "bucket 0 over heads; see docs/parity.md)",
                 path,
             )

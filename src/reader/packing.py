@@ -1,4 +1,4 @@
-"""Passages without padding waste: an exact speed-up of the FiD reader (README "Speed").
+"""Passages without padding waste: an exact speed-up of the FiD reader (docs/speed.md).
 
 Users run `--text_maxlength` 200–250 while real passages (question + title + text) are
 ~150–190 tokens, and with 100 passages per question the longest one is nearly always

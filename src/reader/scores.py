@@ -205,7 +205,7 @@ def _first_token_scores(model, input_ids, attention_mask, reduce, **generate_kwa
     return generated, layout.passage_means(token_scores[::beams])
 
 
-@register("xattn", "pre-softmax q·kᵀ of the first decoded token, averaged over layers, heads and tokens (default)")
+@register("xattn", "pre-softmax q·kᵀ of the first decoded token, averaged over layers, heads and tokens")
 def xattn(model, input_ids, attention_mask, **generate_kwargs):
     return _first_token_scores(model, input_ids, attention_mask, _logits, **generate_kwargs)
 

@@ -1,4 +1,4 @@
-"""Checkpoints: save, find the newest, resume (README "Run directory", Resuming).
+"""Checkpoints: save, find the newest, resume (docs/distributed.md, resuming).
 
 A checkpoint is a `save_pretrained` directory (model + tokenizer) plus
 `training_state.pt` (optimizer, scheduler, step, best metric, RNG states of every
@@ -164,7 +164,7 @@ def load_training_state(
 def start_point(
     run_dir: str | Path, model_path: str, model_name_or_path: str | None, default_model: str
 ) -> tuple[str, Path | None]:
-    """(weights to load, checkpoint to resume or None) for a training run (README "Run directory", Resuming).
+    """(weights to load, checkpoint to resume or None) for a training run (docs/distributed.md, resuming).
 
     A run directory holding `latest` resumes it, unless `--model_path` names other weights
     than the run started from: then those win, with a fresh optimizer (and a warning, since

@@ -1,4 +1,4 @@
-"""Optimizer and learning-rate schedule of the original FiD (README "1. Train a reader")."""
+"""Optimizer and learning-rate schedule of the original FiD (docs/scripts.md)."""
 
 from __future__ import annotations
 
@@ -53,3 +53,21 @@ def unused_flags(opt: OptimConfig) -> dict[str, str]:
     elif opt.fixed_lr:
         unused["scheduler_steps"] = "with --fixed_lr the lr stays flat after warmup"
     return unused
+
+
+def schedule_pitfalls(opt: OptimConfig, accumulation_steps: int = 1) -> list[str]:
+    """Warnings for a linear schedule that trains, silently, with an lr the user did not mean:
+    a warmup at least as long as the run never reaches --lr and never decays. The schedule
+    counts optimizer steps, --total_steps counts batches (the original's convention)."""
+    if opt.scheduler != "linear" or opt.warmup_steps <= 0:
+        return []
+    steps = opt.total_steps // max(1, accumulation_steps)  # optimizer steps of the whole run
+    if opt.warmup_steps < steps:
+        return []
+    per = f" / --accumulation_steps {accumulation_steps}" if accumulation_steps > 1 else ""
+    peak = lr_lambda(opt)(steps)
+    return [
+        f"--warmup_steps {opt.warmup_steps} is not below the {steps} optimizer steps of this run "
+        f"(--total_steps {opt.total_steps}{per}): the lr rises to {peak:.3g} x --lr at the end and never decays; "
+        f"lower --warmup_steps (the original trained 15000 steps with 1000)"
+    ]

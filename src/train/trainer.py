@@ -1,4 +1,4 @@
-"""The one training loop, shared by the reader and the retriever (README "Run directory").
+"""The one training loop, shared by the reader and the retriever (docs/distributed.md).
 
 It knows nothing about readers or retrievers: a script hands it a `Task` (dataset,
 collator, `loss(model, batch)`, `evaluate(model) -> {metric: value}` and the metric that
