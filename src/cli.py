@@ -93,7 +93,7 @@ def warn_ignored(
     script = Path(sys.argv[0]).name
     for name, why in reasons.items():
         if name in given:
-            log.warning("%s ignores %s (set to %r): %s", script, given[name], getattr(opt, name), why)
+            log.warning("%s ignores %s (set to %r): %s", script, given[name], vars(opt)[name], why)
 
 
 def finish() -> None:

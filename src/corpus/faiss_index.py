@@ -56,11 +56,7 @@ ADD_BATCH = 65536  # vectors converted to float32 and added at once: bounds FAIS
 
 def index_kind(opt) -> str:
     """--index_type, or the original's rule: pq when --n-subquantizers > 0, else flat."""
-    return getattr(opt, "index_type", None) or ("pq" if opt.n_subquantizers > 0 else "flat")
-
-
-def _opt(opt, name: str):
-    return getattr(opt, name, DEFAULTS[name])
+    return opt.index_type or ("pq" if opt.n_subquantizers > 0 else "flat")
 
 
 def index_signature(opt) -> dict:
@@ -70,11 +66,11 @@ def index_signature(opt) -> dict:
     # kind, n_subquantizers, n_bits for every kind: what earlier saves recorded, so they stay valid
     signature = {"kind": kind, "n_subquantizers": opt.n_subquantizers, "n_bits": opt.n_bits}
     if kind in IVF_KINDS:
-        signature["n_lists"] = _opt(opt, "n_lists")
+        signature["n_lists"] = opt.n_lists
     if kind == "hnsw":
-        signature["hnsw_m"] = _opt(opt, "hnsw_m")
+        signature["hnsw_m"] = opt.hnsw_m
     if kind in TRAINED:
-        signature["train_sample"] = _opt(opt, "index_train_sample")
+        signature["train_sample"] = opt.index_train_sample
     return signature
 
 
@@ -176,16 +172,16 @@ class Indexer:
     @classmethod
     def from_options(cls, dim: int, opt) -> Indexer:
         """The index the flags ask for (--index_type, --n-subquantizers, --n-bits, --n_lists,
-        --n_probe, --hnsw_m, --index_train_sample; those missing from `opt` take their defaults)."""
+        --n_probe, --hnsw_m, --index_train_sample: Options.add_index_options)."""
         return cls(
             dim,
             opt.n_subquantizers,
             opt.n_bits,
             kind=index_kind(opt),
-            n_lists=_opt(opt, "n_lists"),
-            n_probe=_opt(opt, "n_probe"),
-            hnsw_m=_opt(opt, "hnsw_m"),
-            train_sample=_opt(opt, "index_train_sample"),
+            n_lists=opt.n_lists,
+            n_probe=opt.n_probe,
+            hnsw_m=opt.hnsw_m,
+            train_sample=opt.index_train_sample,
         )
 
     def __len__(self) -> int:
