@@ -32,6 +32,7 @@ import faiss
 import numpy as np
 
 from src.corpus.passages import compact_ids
+from src.errors import InputError
 from src.files import atomic_write
 
 logger = logging.getLogger("fid.index")  # a child of the scripts' "fid" logger
@@ -93,8 +94,9 @@ def unused_index_flags(opt) -> dict[str, str]:
 
 
 def _check(condition: bool, message: str) -> None:
+    """A flag value (or a corpus) the chosen index cannot work with: bad input."""
     if not condition:
-        raise ValueError(message)
+        raise InputError(message)
 
 
 class Indexer:
@@ -255,7 +257,7 @@ class Indexer:
     def _train(self, sample: np.ndarray, where: str) -> None:
         needed = self._min_training()
         if len(sample) < needed:  # k-means needs at least one point per centroid
-            raise ValueError(
+            raise InputError(
                 f"training the {self.kind} index needs at least {needed} vectors{' ' + where if where else ''}, "
                 f"got {len(sample)} (use a flat index for small corpora)"
             )
@@ -324,7 +326,16 @@ class Indexer:
 
     @staticmethod
     def read_meta(directory: str | os.PathLike) -> dict:
-        return json.loads((Path(directory) / META_FILE).read_text())
+        path = Path(directory) / META_FILE
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(
+                f"{path}: not the JSON a saved index keeps beside it ({e}); delete the saved index"
+            ) from None
+        if not isinstance(meta, dict):
+            raise InputError(f"{path}: not the JSON object a saved index keeps beside it; delete the saved index")
+        return meta
 
     @classmethod
     def deserialize_from(cls, directory: str | os.PathLike) -> Indexer:
@@ -334,13 +345,16 @@ class Indexer:
         meta = cls.read_meta(directory)
         config = {k: meta[k] for k in ("dim", "n_subquantizers", "n_bits", "kind", "n_lists", "n_probe", "hnsw_m")}
         indexer = cls(**config, train_sample=meta.get("train_sample"))  # saves before the sample have none
-        indexer.index = faiss.read_index(str(directory / INDEX_FILE))
+        try:
+            indexer.index = faiss.read_index(str(directory / INDEX_FILE))
+        except RuntimeError as e:  # FAISS's error for a truncated or foreign file
+            raise InputError(f"{directory / INDEX_FILE}: cannot read the saved index ({e})") from None
         indexer.trained_on = meta.get("trained_on")
         if indexer.kind in IVF_KINDS:
             faiss.extract_index_ivf(indexer.index).nprobe = config["n_probe"]
         indexer._ids = np.load(directory / IDS_FILE, allow_pickle=False)  # int64, or unicode (older saves too)
         if len(indexer._ids) != indexer.index.ntotal or meta.get("ntotal") != indexer.index.ntotal:
-            raise ValueError(
+            raise InputError(
                 f"{directory}: index holds {indexer.index.ntotal} vectors but the id map has {len(indexer._ids)}"
             )
         logger.info("loaded %s index (%d vectors) from %s", indexer.kind, len(indexer), directory)

@@ -352,9 +352,9 @@ class QuestionFile(Sequence):
         return json.loads(self._file.pread(end - start, start).decode("utf-8"))
 
     def where(self, i: int) -> str:
-        """'example i' (a JSON list) or 'line N' (JSON lines: counted, only for messages)."""
+        """'example N' (a JSON list: 1-based) or 'line N' (JSON lines: counted, only for messages)."""
         if not self.lines:
-            return f"example {i}"
+            return f"example {i + 1}"
         start, pos, line_number = int(self.starts[i]), 0, 1
         with open(self.path, "rb") as f:
             for line in f:

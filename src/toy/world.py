@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from transformers import AutoTokenizer, T5ForConditionalGeneration
 
+from src.errors import InputError
 from src.metrics import retrieval_hits, top_k_accuracy_at
 from src.retriever.model import Retriever
 from src.toy.tiny_models import build_word_tokenizer, save_tiny_bert, tiny_t5_config, word_matching_prior
@@ -151,7 +152,10 @@ def make_world(seed: int = 0, n_entities: int = 500, n_dev: int = 250, n_test: i
     questions = [{"id": f"toy-{i}", **questions[j]} for i, j in enumerate(order)]
     n_train = len(questions) - n_dev - n_test
     if n_train <= 0:
-        raise ValueError(f"n_dev + n_test = {n_dev + n_test} leaves no training questions out of {len(questions)}")
+        raise InputError(
+            f"{n_entities} toy entities give {len(questions)} questions: n_dev + n_test = {n_dev + n_test} leaves "
+            "none for training (raise --toy_entities)"
+        )
     return ToyWorld(
         passages=passages,
         train=questions[:n_train],
