@@ -27,8 +27,6 @@ from src.cli import cli, close_loggers
 from src.corpus.embeddings import write_shard
 from src.errors import InputError
 from src.reader.model import FiDT5
-from src.retriever.model import Retriever
-from src.toy.tiny_models import save_tiny_bert, save_tiny_t5
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "what color does anna boris like red blue green title context question".split()
@@ -98,14 +96,8 @@ def _npz(**arrays) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict[str, str]:
+def world(tmp_path_factory, tiny_fid, tiny_retriever) -> dict[str, str]:
     root = tmp_path_factory.mktemp("bad_inputs")
-    save_tiny_t5(root / "t5", [" ".join(WORDS)], d_model=16, layers=1, heads=2)
-    bert = save_tiny_bert(root / "bert", [" ".join(WORDS)], hidden=16, layers=1, heads=2)
-    Retriever.from_encoder(str(bert), indexing_dimension=8).save_pretrained(root / "retriever")
-    from transformers import AutoTokenizer
-
-    AutoTokenizer.from_pretrained(bert).save_pretrained(root / "retriever")
     (root / "good.json").write_text(json.dumps(GOOD))
     (root / "psgs.tsv").write_text("id\ttext\ttitle\n1\tanna likes red\tanna\n2\tboris likes blue\tboris\n")
     write_shard(root / "shards_00.npz", ["1", "2"], np.random.default_rng(0).random((2, 8), dtype=np.float32))
@@ -124,9 +116,9 @@ def world(tmp_path_factory) -> dict[str, str]:
         "root": str(root),
         "good": str(root / "good.json"),
         "bad": str(bad),
-        "t5": str(root / "t5"),
-        "bert": str(bert),
-        "retriever": str(root / "retriever"),
+        "t5": str(tiny_fid.path),
+        "bert": str(tiny_retriever.encoder),
+        "retriever": str(tiny_retriever.retriever),
         "psgs": str(root / "psgs.tsv"),
         "shards": str(root / "shards_*"),
         "run": str(root / "run.trec"),
