@@ -25,7 +25,8 @@ import pytest
 
 from src.cli import cli, close_loggers
 from src.corpus.embeddings import write_shard
-from src.errors import InputError
+from src.corpus.search import PeerFailed, failure, peer_error
+from src.errors import DataError, InputError
 from src.reader.model import FiDT5
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -523,3 +524,20 @@ def test_a_bad_input_is_one_line_on_the_terminal_and_kept_in_run_log(world, caps
     ]
     log = (Path(world["root"]) / "runs" / "logged" / "run.log").read_text()
     assert "ERROR " + f"{world['bad']}/no_target.json, example 1 (id q0): no 'target'" in log
+
+
+def test_what_a_process_tells_the_others_keeps_bugs_apart():
+    """Under torchrun a stopping rank sends its failure to the others (src/corpus/search.py):
+    a bad input stays one line (PeerFailed, exit 2), a bug arrives with its traceback."""
+    try:
+        raise ValueError("a bug: bad shape")
+    except ValueError as e:
+        bad_input, message = failure(e)
+    assert not bad_input and "Traceback" in message and "ValueError: a bug: bad shape" in message
+    error = peer_error((bad_input, message), "rank 1: ")
+    assert not isinstance(error, InputError) and str(error).startswith("rank 1: Traceback")
+    assert failure(FileNotFoundError(2, "No such file or directory", "x.json"))[0]
+    sent = failure(DataError("q.json, example 2: missing or non-string 'question'"))
+    assert sent == (True, "q.json, example 2: missing or non-string 'question'")
+    error = peer_error(sent, "rank 0 stopped: ")
+    assert isinstance(error, PeerFailed) and str(error) == "rank 0 stopped: " + sent[1]
