@@ -136,10 +136,10 @@ def test_modules_scripts_and_functions_are_short():
     assert not too_long, "\n".join(too_long)
 
 
-def option_writes(name: str) -> list[str]:
-    """Places in module `name` that write into an options namespace or read one with a fallback:
-    `opt.x = ...` (also augmented, annotated, and inside tuple targets), `setattr(opt, ...)`,
-    `delattr(opt, ...)`, `getattr(opt, ...)`."""
+def option_writes(module: ast.Module, where: str) -> list[str]:
+    """Places in `module` (the file `where`) that write into an options namespace or read one
+    with a fallback: `opt.x = ...` (also augmented, annotated, deleted, and inside tuple
+    targets), `setattr(opt, ...)`, `delattr(opt, ...)`, `getattr(opt, ...)`."""
     found = []
 
     def targets(node: ast.AST) -> list[ast.AST]:
@@ -150,7 +150,7 @@ def option_writes(name: str) -> list[str]:
     def is_options(node: ast.AST) -> bool:
         return isinstance(node, ast.Name) and node.id in OPTION_NAMES
 
-    for node in ast.walk(tree(name)):
+    for node in ast.walk(module):
         written = []
         if isinstance(node, ast.Assign):
             written = [t for target in node.targets for t in targets(target)]
@@ -160,7 +160,7 @@ def option_writes(name: str) -> list[str]:
             written = node.targets
         for target in written:
             if isinstance(target, (ast.Attribute, ast.Subscript)) and is_options(target.value):
-                found.append(f"{MODULES[name].relative_to(ROOT)}:{node.lineno} writes {ast.unparse(target)}")
+                found.append(f"{where}:{node.lineno} writes {ast.unparse(target)}")
         if (
             isinstance(node, ast.Call)
             and isinstance(node.func, ast.Name)
@@ -168,13 +168,18 @@ def option_writes(name: str) -> list[str]:
             and node.args
             and is_options(node.args[0])
         ):
-            found.append(f"{MODULES[name].relative_to(ROOT)}:{node.lineno} {ast.unparse(node)}")
+            found.append(f"{where}:{node.lineno} {ast.unparse(node)}")
     return found
 
 
 def test_src_never_writes_into_the_options():
     # src/options.py owns the namespace: it parses it and turns it into typed configs.
-    found = [f for name in MODULES if name.startswith("src.") and name != "src.options" for f in option_writes(name)]
+    found = [
+        f
+        for name, path in MODULES.items()
+        if name.startswith("src.") and name != "src.options"
+        for f in option_writes(tree(name), str(path.relative_to(ROOT)))
+    ]
     assert not found, "src code touching the argparse options (take a typed config instead):\n" + "\n".join(found)
 
 
@@ -188,13 +193,33 @@ def test_no_two_neighbours_share_a_stem():
             for p in directory.iterdir()
             if (p.suffix == ".py" and p.name != "__init__.py") or (p.is_dir() and (p / "__init__.py").exists())
         )
-        clashes += [
-            f"{directory.relative_to(ROOT)}: {a} / {b}"
-            for i, a in enumerate(names)
-            for b in names[i + 1 :]
-            if b.startswith(a) or a.startswith(b)
-        ]
+        clashes += [f"{directory.relative_to(ROOT)}: {a} / {b}" for a, b in stem_clashes(names)]
     assert not clashes, clashes
+
+
+def stem_clashes(names: list[str]) -> list[tuple[str, str]]:
+    """Pairs of sorted `names` where one is a prefix of the other."""
+    return [(a, b) for i, a in enumerate(names) for b in names[i + 1 :] if b.startswith(a)]
+
+
+def test_the_rules_catch_what_they_forbid():
+    source = """
+def f(opt, args, options, config):
+    opt.rank = 0
+    args.device, x = "cpu", 1
+    options.given |= {"x": "--x"}
+    setattr(opt, "is_main", True)
+    getattr(args, "n_lists", 1024)
+    del opt.local_rank
+    config.rank = 0  # a typed object of its own: fine
+    y = opt.rank  # reading a flag: fine
+"""
+    found = option_writes(ast.parse(source), "m.py")
+    assert sorted(f.split(" ", 1)[0] for f in found) == ["m.py:3", "m.py:4", "m.py:5", "m.py:6", "m.py:7", "m.py:8"]
+    assert stem_clashes(sorted(["retrieval", "retriever", "retriever_model", "model"])) == [
+        ("retriever", "retriever_model")
+    ]
+    assert project_imports("src.train.trainer", ast.parse("from ..reader import model").body[0]) == ["src.reader.model"]
 
 
 def test_comments_point_inside_the_repository():
