@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
-from transformers import BertConfig, PreTrainedTokenizerFast, T5Config
+from transformers import BertConfig, BertModel, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
 
 T5_SPECIALS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 as in T5
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -114,9 +114,6 @@ def tiny_bert_config(vocab_size: int, hidden: int = 32, layers: int = 2, heads: 
 
 def save_tiny_t5(path: str | Path, texts: Iterable[str], seed: int = 0, **config_kw) -> Path:
     """Tokenizer + randomly initialised T5 saved as one model directory."""
-    import torch
-    from transformers import T5ForConditionalGeneration
-
     path = Path(path)
     tokenizer = build_word_tokenizer(texts, "t5")
     torch.manual_seed(seed)
@@ -128,9 +125,6 @@ def save_tiny_t5(path: str | Path, texts: Iterable[str], seed: int = 0, **config
 
 def save_tiny_bert(path: str | Path, texts: Iterable[str], seed: int = 0, **config_kw) -> Path:
     """Tokenizer + randomly initialised BERT saved as one model directory."""
-    import torch
-    from transformers import BertModel
-
     path = Path(path)
     tokenizer = build_word_tokenizer(texts, "bert")
     torch.manual_seed(seed)
