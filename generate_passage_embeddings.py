@@ -102,12 +102,9 @@ def main(argv=None) -> None:
     if opt.model_path in (None, "none"):
         raise DataError("--model_path is required (a directory saved by train_retriever.py)")
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    try:
-        shard_ids, num_shards = shards_of_process(
-            opt.shard_id, opt.num_shards, int(os.environ.get("RANK", "0")), world_size
-        )
-    except ValueError as e:
-        raise DataError(str(e)) from None
+    shard_ids, num_shards = shards_of_process(
+        opt.shard_id, opt.num_shards, int(os.environ.get("RANK", "0")), world_size
+    )
     if world_size > 1:  # cuda:LOCAL_RANK (CPU without GPUs or with --device cpu)
         device = dist.init_distributed(opt.device, opt.local_rank, opt.main_port).device
     else:

@@ -1,5 +1,6 @@
 """What every script shares at its start and end: logging, seeding, the run directory
-(lock, options files) and the wrapper that turns a bad input into one line and exit 2."""
+(lock, options files) and the wrapper that turns a bad input into one line and exit 2
+(and lets a bug show its traceback)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ import torch
 
 from src import distributed as dist
 from src.distributed import Runtime
-from src.errors import InputError, RunDirectoryBusy
+from src.errors import is_bad_input
 from src.options import Options, save_options
 from src.train import runlock
 
@@ -93,7 +94,7 @@ def warn_ignored(
     script = Path(sys.argv[0]).name
     for name, why in reasons.items():
         if name in given:
-            log.warning("%s ignores %s (set to %r): %s", script, given[name], getattr(opt, name), why)
+            log.warning("%s ignores %s (set to %r): %s", script, given[name], vars(opt)[name], why)
 
 
 def finish() -> None:
@@ -102,17 +103,28 @@ def finish() -> None:
     runlock.release()
 
 
+def report_bad_input(error: BaseException) -> None:
+    """One line on the terminal (stderr), and the same line in run.log when the run has one."""
+    message = str(error)
+    record = logger.makeRecord(logger.name, logging.ERROR, __file__, 0, "%s", (message,), None)
+    for handler in logger.handlers:
+        if isinstance(handler, logging.FileHandler):
+            handler.handle(record)
+    print(f"error: {message}", file=sys.stderr, flush=True)
+
+
 def cli(main) -> None:
-    """Run a script's main. A bad input (file, model path, option value) ends with one line
-    naming what is wrong and exit code 2, not a traceback; FID_DEBUG=1 shows the traceback.
+    """Run a script's main. A bad input ends with one line naming what is wrong and exit code
+    2, not a traceback: an InputError (a file, model path or option value the code checked),
+    RunDirectoryBusy, or the OS refusing a path the user named (errors.USER_PATH_ERRORS).
+    Anything else is a bug and shows its traceback; FID_DEBUG=1 shows it for bad inputs too.
     The run directory's lock is dropped however main ends."""
     try:
         main()
-    except (InputError, OSError, UnicodeDecodeError, ValueError, RunDirectoryBusy) as e:
-        if os.environ.get("FID_DEBUG"):
+    except BaseException as e:
+        if not is_bad_input(e) or os.environ.get("FID_DEBUG"):
             raise
-        logger.error("%s", e)
-        print(f"error: {e}", file=sys.stderr)
+        report_bad_input(e)
         sys.exit(2)
     finally:
         runlock.release()

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+
+from src.errors import ModelPathError
 
 
 def check_model_path(path: str | Path, what: str = "model") -> None:
@@ -19,7 +23,18 @@ def check_model_path(path: str | Path, what: str = "model") -> None:
         or ("/" in text and os.path.isdir(text.split("/")[0]))  # an existing local parent
     )
     if local and not os.path.exists(os.path.expanduser(text)):
-        raise FileNotFoundError(f"{what} {text}: no such directory")
+        raise ModelPathError(f"{what} {text}: no such directory")
+
+
+@contextlib.contextmanager
+def loading(path: str | Path, what: str) -> Iterator[None]:
+    """Around a transformers `from_pretrained` of a path the user gave: its OSError (a hub
+    name it cannot find or download, a typo, an unreadable or invalid file in the
+    directory) becomes a ModelPathError naming `what` and the path."""
+    try:
+        yield
+    except OSError as e:
+        raise ModelPathError(f"{what} {path}: cannot be loaded ({e})") from e
 
 
 # Config fields that hold a dropout probability, across the encoders we load (T5, BERT-likes).

@@ -36,8 +36,9 @@ import pytest
 import src.files
 from src.cli import cli, close_loggers
 from src.corpus.embeddings import write_shard
-from src.retriever.model import Retriever
-from src.toy.tiny_models import save_tiny_bert, save_tiny_t5
+from src.corpus.search import PeerFailed, failure, peer_error
+from src.errors import DataError, InputError
+from src.reader.model import FiDT5
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = "what color does anna boris like red blue green title context question".split()
@@ -126,14 +127,8 @@ def _shard(ids: list[str]) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> dict[str, str]:
+def world(tmp_path_factory, tiny_fid, tiny_retriever) -> dict[str, str]:
     root = tmp_path_factory.mktemp("bad_inputs")
-    save_tiny_t5(root / "t5", [" ".join(WORDS)], d_model=16, layers=1, heads=2)
-    bert = save_tiny_bert(root / "bert", [" ".join(WORDS)], hidden=16, layers=1, heads=2)
-    Retriever.from_encoder(str(bert), indexing_dimension=8).save_pretrained(root / "retriever")
-    from transformers import AutoTokenizer
-
-    AutoTokenizer.from_pretrained(bert).save_pretrained(root / "retriever")
     (root / "good.json").write_text(json.dumps(GOOD))
     (root / "psgs.tsv").write_text("id\ttext\ttitle\n1\tanna likes red\tanna\n2\tboris likes blue\tboris\n")
     write_shard(root / "shards_00.npz", ["1", "2"], np.random.default_rng(0).random((2, 8), dtype=np.float32))
@@ -152,9 +147,9 @@ def world(tmp_path_factory) -> dict[str, str]:
         "root": str(root),
         "good": str(root / "good.json"),
         "bad": str(bad),
-        "t5": str(root / "t5"),
-        "bert": str(bert),
-        "retriever": str(root / "retriever"),
+        "t5": str(tiny_fid.path),
+        "bert": str(tiny_retriever.encoder),
+        "retriever": str(tiny_retriever.retriever),
         "psgs": str(root / "psgs.tsv"),
         "shards": str(root / "shards_*"),
         "run": str(root / "run.trec"),
@@ -253,7 +248,7 @@ def check_bad_input(script, args, fragment, how, world, capsys, monkeypatch, out
     opened = [] if how.subprocess else record_atomic_writes(script, monkeypatch, on_open)
     output = run_bad(script, args, how.subprocess, capsys)
     lines = [line for line in output.splitlines() if found_in_order(line, fragment)]
-    assert lines, f"{fragment!r} not in:\n{output[-3000:]}"
+    assert len(lines) == 1, f"{fragment!r} not on exactly one line of:\n{output[-3000:]}"  # said once
     if how.late:
         assert not how.subprocess and set(opened) & set(sentinels), f"failed before opening an output: {opened}"
     for path, before in sentinels.items():
@@ -281,15 +276,15 @@ QUESTION_FILE_CASES = [  # (id, file in BAD_FILES, fragment): every script that 
     ("empty-list", "empty_list.json", "empty_list.json: no examples"),
     ("truncated", "truncated.json", "truncated.json, line 2: invalid JSON…is the file truncated?"),
     ("jsonl-line-not-object", "list_line.jsonl", "list_line.jsonl, line 1: expected an object, got list"),
-    ("no-question", "no_question.json", "no_question.json, example 1: missing or non-string 'question'"),
-    ("ctxs-not-list", "ctxs_not_list.json", "ctxs_not_list.json, example 0: 'ctxs' must be a list"),
-    ("ctx-without-text", "ctx_without_text.json", "ctx_without_text.json, example 0, ctx 1: …string 'text'"),
-    ("score-not-number", "score_not_number.json", "score_not_number.json, example 0, ctx 0: score 'high' is not a"),
-    ("score-nan", "score_nan.json", "score_nan.json, example 0, ctx 0: score 'nan' is not a finite number"),
+    ("no-question", "no_question.json", "no_question.json, example 2: missing or non-string 'question'"),
+    ("ctxs-not-list", "ctxs_not_list.json", "ctxs_not_list.json, example 1 (id q0): 'ctxs' must be a list"),
+    ("ctx-without-text", "ctx_without_text.json", "ctx_without_text.json, example 1 (id q0), ctx 1: …'text'"),
+    ("score-not-number", "score_not_number.json", "score_not_number.json, example 1 (id q0), ctx 0: score 'high'"),
+    ("score-nan", "score_nan.json", "score_nan.json, example 1 (id q0), ctx 0: score 'nan' is not a finite"),
     (
         "lone-surrogate",
         "lone_surrogate.json",
-        "lone_surrogate.json, example 1: 'question' is not valid Unicode: a lone",
+        "lone_surrogate.json, example 2…'question' is not valid Unicode: a lone",
     ),
 ]
 
@@ -323,7 +318,7 @@ TEST_READER_CASES = [
     case(
         "score-kind-needs-answers",
         ["--eval_data", "{bad}/no_target.json", "--score_kind", "pdist", "--model_path", "{bad}/nowhere"],
-        "no_target.json, example 0 (id q0): no 'target' and no 'answers' --score_kind pdist scores the gold answer",
+        "no_target.json, example 1 (id q0): no 'target' and no 'answers' --score_kind pdist scores the gold answer",
     ),
 ]
 
@@ -347,7 +342,7 @@ TRAIN_READER_CASES = [
     *question_file_cases("--train_data", subprocess_ids=("ctx-without-text",)),
     case("eval-json-object", ["--eval_data", "{bad}/object.json"], "object.json: expected a JSON list of examples"),
     case("eval-not-utf8", ["--eval_data", "{bad}/not_utf8.json"], "not_utf8.json, line 2: not UTF-8 text"),
-    case("no-target", ["--train_data", "{bad}/no_target.json"], "no_target.json, example 0 (id q0): no 'target'"),
+    case("no-target", ["--train_data", "{bad}/no_target.json"], "no_target.json, example 1 (id q0): no 'target'"),
     case("n_context-0", ["--n_context", "0"], "argument --n_context: must be a positive integer"),
     case("text_maxlength-negative", ["--text_maxlength", "-5"], "argument --text_maxlength: must be a positive"),
     case("batch-size-0", ["--per_gpu_batch_size", "0"], "argument --per_gpu_batch_size: must be a positive integer"),
@@ -391,7 +386,11 @@ TRAIN_RETRIEVER_DEFAULTS = [
 ]  # fmt: skip
 TRAIN_RETRIEVER_CASES = [
     *question_file_cases("--train_data"),
-    case("no-gold-score", ["--train_data", "{bad}/no_gold_score.json"], "no_gold_score.json, example 1…no 'score'"),
+    case(
+        "no-gold-score",
+        ["--train_data", "{bad}/no_gold_score.json"],
+        "no_gold_score.json, example 2 (id q1)…no 'score'",
+    ),
     case("n_context-0", ["--n_context", "0"], "argument --n_context: must be a positive integer", subprocess=True),
     case("batch-size-0", ["--per_gpu_batch_size", "0"], "argument --per_gpu_batch_size: must be a positive integer"),
     case("total_steps-0", ["--total_steps", "0"], "argument --total_steps: must be a positive integer"),
@@ -573,7 +572,7 @@ def test_test_reader_input_changed_while_writing(world, capsys, monkeypatch, tmp
         if path.name == "final_output.txt":
             blank_from(data, 2)
 
-    fragment = f"{data}, example 2: not the example indexed there…the file changed while in use?"
+    fragment = f"{data}, example 3…: not the example indexed there…the file changed while in use?"
     check_bad_input("test_reader.py", args, fragment, How(False, True), world, capsys, monkeypatch, outputs, change)
 
 
@@ -613,3 +612,93 @@ def test_training_input_changed_while_in_use(world, capsys, monkeypatch, tmp_pat
     after = {p: p.read_bytes() for p in (run_dir / "checkpoint").rglob("*") if p.is_file()}
     assert after == saved  # nothing written since, nothing half-written
     assert not [p for p in run_dir.rglob("*") if p.name.endswith((".tmp", ".old"))]
+
+
+# ---------------------------------------------------------------------------
+# Not bad input: a bug shows its traceback (and no exit 2); FID_DEBUG shows bad inputs' too
+# ---------------------------------------------------------------------------
+
+BUGS = [ValueError("a bug: bad shape"), RuntimeError("a bug in transformers"), OSError(5, "Input/output error")]
+
+
+def raise_bug(error: Exception):
+    def load(*args, **kwargs):
+        raise error
+
+    return load
+
+
+@pytest.mark.parametrize("error", BUGS, ids=lambda e: type(e).__name__)
+def test_a_bug_is_not_reported_as_bad_input(world, capsys, monkeypatch, error):
+    monkeypatch.setattr(FiDT5, "load", raise_bug(error))
+    module = importlib.import_module("test_reader")
+    args = [fill(a, world) for a in TEST_READER_DEFAULTS]
+    try:
+        with pytest.raises(type(error)) as raised:  # out of cli(): python prints its traceback, exit 1
+            cli(lambda: module.main(args))
+    finally:
+        close_loggers()
+    assert raised.value is error
+    assert "error:" not in capsys.readouterr().err
+
+
+def test_a_bug_shows_its_traceback_end_to_end(world):
+    """As `python test_reader.py`, with the reader's loader broken: a traceback and exit 1."""
+    code = (
+        "import runpy, sys\n"
+        "from src.reader.model import FiDT5\n"
+        "def load(*args, **kwargs):\n"
+        "    raise ValueError('a bug in the loader')\n"
+        "FiDT5.load = load\n"
+        "sys.argv = sys.argv[1:]\n"
+        "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    env.pop("FID_DEBUG", None)
+    args = [fill(a, world) for a in TEST_READER_DEFAULTS]
+    proc = subprocess.run(
+        [sys.executable, "-c", code, "test_reader.py", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-3000:]
+    assert "Traceback" in proc.stderr and "ValueError: a bug in the loader" in proc.stderr
+    assert "error: a bug" not in proc.stderr
+
+
+def test_fid_debug_shows_the_traceback_of_a_bad_input(world, capsys, monkeypatch):
+    monkeypatch.setenv("FID_DEBUG", "1")
+    module = importlib.import_module("test_reader")
+    args = [fill(a, world) for a in [*TEST_READER_DEFAULTS, "--eval_data", "{bad}/nothing.json"]]
+    try:
+        with pytest.raises(InputError, match="nothing.json: no such file"):
+            cli(lambda: module.main(args))
+    finally:
+        close_loggers()
+
+
+def test_a_bad_input_is_one_line_on_the_terminal_and_kept_in_run_log(world, capsys):
+    """A training run has a run.log by the time its data is read: the error goes there too."""
+    args = [*TRAIN_READER_DEFAULTS, "--name", "logged", "--train_data", "{bad}/no_target.json"]
+    output = run_bad("train_reader.py", [fill(a, world) for a in args], False, capsys)
+    assert [line for line in output.splitlines() if "no 'target'" in line] == [
+        f"error: {world['bad']}/no_target.json, example 1 (id q0): no 'target' and no 'answers' to train on"
+    ]
+    log = (Path(world["root"]) / "runs" / "logged" / "run.log").read_text()
+    assert "ERROR " + f"{world['bad']}/no_target.json, example 1 (id q0): no 'target'" in log
+
+
+def test_what_a_process_tells_the_others_keeps_bugs_apart():
+    """Under torchrun a stopping rank sends its failure to the others (src/corpus/search.py):
+    a bad input stays one line (PeerFailed, exit 2), a bug arrives with its traceback."""
+    try:
+        raise ValueError("a bug: bad shape")
+    except ValueError as e:
+        bad_input, message = failure(e)
+    assert not bad_input and "Traceback" in message and "ValueError: a bug: bad shape" in message
+    error = peer_error((bad_input, message), "rank 1: ")
+    assert not isinstance(error, InputError) and str(error).startswith("rank 1: Traceback")
+    assert failure(FileNotFoundError(2, "No such file or directory", "x.json"))[0]
+    sent = failure(DataError("q.json, example 2: missing or non-string 'question'"))
+    assert sent == (True, "q.json, example 2: missing or non-string 'question'")
+    error = peer_error(sent, "rank 0 stopped: ")
+    assert isinstance(error, PeerFailed) and str(error) == "rank 0 stopped: " + sent[1]

@@ -310,8 +310,8 @@ def test_shards_stream_into_the_index_in_full_batches(tmp_path, monkeypatch):
         lambda self, ids, emb: (added.append(len(ids)), original(self, ids, emb)),
     )
     opt = types.SimpleNamespace(
-        indexing_batch_size=4, n_subquantizers=0, n_bits=8, index_type=None, n_lists=1, n_probe=1,
-        allow_pickle_embeddings=False,
+        indexing_batch_size=4, n_subquantizers=0, n_bits=8, index_type=None, n_lists=1, n_probe=1, hnsw_m=32,
+        index_train_sample=262144, allow_pickle_embeddings=False,
     )  # fmt: skip
     indexer = passage_retrieval.build_index(files, 4, opt, logging.getLogger("test"))
     assert added == [4, 4, 4, 4, 4, 2]

@@ -8,7 +8,7 @@ from transformers import AutoTokenizer
 
 from src.data.datasets import ReaderCollator, ReaderDataset, RetrieverCollator, RetrieverDataset, encode_targets
 from src.data.offsets import QuestionFile
-from src.data.questions import iter_entries, load_questions, require_targets, write_questions
+from src.data.questions import example_name, iter_entries, load_questions, require_targets, write_questions
 from src.errors import DataError
 from src.toy.tiny_models import build_word_tokenizer
 
@@ -89,17 +89,18 @@ def test_write_and_reload_keeps_unknown_fields(tmp_path):
 @pytest.mark.parametrize(
     "content, message",
     [
-        ('[{"question": "q"}, {"answers": ["a"]}]', "example 1: missing or non-string 'question'"),
+        ('[{"question": "q"}, {"answers": ["a"]}]', "example 2: missing or non-string 'question'"),
+        ('[{"question": "q"}, {"id": "q7", "answers": ["a"]}]', "example 2 (id q7): missing or non-string 'q"),
         ('[{"question": "q", "answers": "a"}]', "'answers' must be a list of strings"),
         ('[{"question": "q", "ctxs": [{"title": "t"}]}]', "ctx 0: expected an object with a string 'text'"),
         ('[{"question": "q", "ctxs": [{"text": "t", "score": "high"}]}]', "score 'high' is not a number"),
         ('[{"question": "q",\n "answers": [}]', "line 2: invalid JSON"),
         ('{"question": "q"}', "expected a JSON list"),
         # lone surrogates (a \\u escape without its pair) where the scripts tokenize or write text
-        ('[{"question": "q"}, {"question": "a\\ud800"}]', "example 1: 'question' is not valid Unicode: a lone"),
-        ('[{"question": "q", "answers": ["a", "\\udc00b"]}]', "example 0: 'answers' is not valid Unicode"),
-        ('[{"question": "q", "target": "\\ud83d"}]', "example 0: 'target' is not valid Unicode"),
-        ('[{"id": "\\udfff", "question": "q"}]', "example 0: 'id' is not valid Unicode"),
+        ('[{"question": "q"}, {"question": "a\\ud800"}]', "example 2: 'question' is not valid Unicode: a lone"),
+        ('[{"question": "q", "answers": ["a", "\\udc00b"]}]', "example 1: 'answers' is not valid Unicode"),
+        ('[{"question": "q", "target": "\\ud83d"}]', "example 1: 'target' is not valid Unicode"),
+        ('[{"id": "\\udfff", "question": "q"}]', "example 1 (id \\udfff): 'id' is not valid Unicode"),
         ('[{"question": "q", "ctxs": [{"text": "t"}, {"text": "\\ud800"}]}]', "ctx 1: 'text' is not valid Unicode"),
         ('[{"question": "q", "ctxs": [{"title": "\\ud800", "text": "t"}]}]', "ctx 0: 'title' is not valid Unicode"),
     ],
@@ -153,8 +154,18 @@ def test_streaming_reader_reads_and_fails_as_json_load(tmp_path, text):
             assert "expected a JSON list of examples" in got
 
 
+def test_messages_name_an_example_by_position_and_id(tmp_path):
+    """1-based positions (lines of JSON lines), and the example's own id: not one a loader filled in."""
+    path = tmp_path / "bad.jsonl"
+    path.write_text('{"id": 3, "question": "q"}\n{"id": "b", "question": 1}\n')
+    with pytest.raises(DataError, match=r"bad\.jsonl, line 2 \(id b\): missing or non-string 'question'"):
+        load_questions(path)
+    assert example_name(0, {"id": 0}) == "example 1"  # an id that is its position: filled in by a loader
+    assert example_name(4, {"id": "q4"}) == "example 5 (id q4)" and example_name(4, [1]) == "example 5"
+
+
 def test_training_needs_a_target_or_answers():
-    with pytest.raises(DataError, match="example 1 .*no 'target' and no 'answers'"):
+    with pytest.raises(DataError, match="example 2: no 'target' and no 'answers'"):
         require_targets([{"question": "q", "answers": ["a"]}, {"question": "q", "answers": []}], "train.json")
 
 

@@ -11,7 +11,6 @@ import faiss
 import numpy as np
 import pytest
 import torch
-from transformers import AutoTokenizer
 
 import generate_passage_embeddings
 import passage_retrieval
@@ -22,8 +21,6 @@ from src.cli import close_loggers, warn_ignored
 from src.corpus.embeddings import read_shard, write_shard
 from src.devices import precision_autocast, resolve_precision
 from src.options import Options
-from src.retriever.model import Retriever
-from src.toy.tiny_models import save_tiny_bert, save_tiny_t5
 from src.train.optim import unused_flags
 
 WORDS = "what color does anna boris clara like red blue green yellow question title context".split()
@@ -122,18 +119,15 @@ def toy_questions(n: int, seed: int) -> list[dict]:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
+def world(tmp_path_factory, tiny_fid, tiny_retriever):
+    assert set(WORDS) <= set(tiny_fid.words) and set(WORDS) <= set(tiny_retriever.words)
     root = tmp_path_factory.mktemp("flags")
-    t5 = save_tiny_t5(root / "t5", [" ".join(WORDS)], d_model=16, layers=1, heads=2)
-    bert = save_tiny_bert(root / "bert", [" ".join(WORDS)], hidden=16, layers=1, heads=2)
-    torch.manual_seed(0)
-    Retriever.from_encoder(str(bert), indexing_dimension=8).save_pretrained(root / "retriever")
-    AutoTokenizer.from_pretrained(bert).save_pretrained(root / "retriever")
+    t5, bert = tiny_fid.path, tiny_retriever.encoder
     (root / "train.json").write_text(json.dumps(toy_questions(8, 0)))
     (root / "dev.json").write_text(json.dumps(toy_questions(3, 1)))
     passages = [(f"p{i}", f"{n} like {c}", n) for i, (n, c) in enumerate(zip(WORDS[3:6] * 3, WORDS[7:11] * 3))]
     (root / "psgs.tsv").write_text("id\ttext\ttitle\n" + "".join(f"{i}\t{t}\t{n}\n" for i, t, n in passages))
-    return {"root": root, "t5": t5, "bert": bert, "retriever": root / "retriever"}
+    return {"root": root, "t5": t5, "bert": bert, "retriever": tiny_retriever.retriever}
 
 
 def run_main(module, args: list[str], caplog) -> dict[str, str]:

@@ -434,7 +434,7 @@ def test_bm25_with_jsonl_question_ids(tmp_path, passages):
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"id": "a", "question": "fine"}\n{"id": "b", "query": "wrong field"}\n')
-    with pytest.raises(DataError, match=r"bad\.jsonl, line 2: missing or non-string 'question'"):
+    with pytest.raises(DataError, match=r"bad\.jsonl, line 2 \(id b\): missing or non-string 'question'"):
         preprocess.main(
             ["bm25", "--run", str(run), "--questions", str(bad), "--passages", str(passages), "--output", str(out)]
         )

@@ -121,12 +121,12 @@ def test_facts_match_the_examples(tmp_path):
     no_target = write(tmp_path / "t.json", json.dumps([{"question": "q", "answers": ["a"]}, {"question": "q"}]))
     for read in (lambda p, m=-1: QuestionFile(p, m, True, show_progress=False), load_questions_ranked):
         assert len(RetrieverDataset(read(two, 2), 1)) == 2
-        with pytest.raises(DataError, match=r"r\.json, example 2 \(id 2\): no ctxs to train the retriever on"):
+        with pytest.raises(DataError, match=r"r\.json, example 3: no ctxs to train the retriever on"):
             RetrieverDataset(read(two), 1, source=str(two))
         assert len(RetrieverDataset(read(unscored), 1)) == 1  # ctx 1 is not read
-        with pytest.raises(DataError, match=r"u\.json, example 0 \(id 0\): ctx 1 has no 'score'"):
+        with pytest.raises(DataError, match=r"u\.json, example 1: ctx 1 has no 'score'"):
             RetrieverDataset(read(unscored), 2, source=str(unscored))
-        with pytest.raises(DataError, match=r"t\.json, example 1 \(id 1\): no 'target' and no 'answers'"):
+        with pytest.raises(DataError, match=r"t\.json, example 2: no 'target' and no 'answers'"):
             require_targets(read(no_target), str(no_target))
 
 

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import T5ForConditionalGeneration
 
+from src.errors import ModelPathError
 from src.reader.legacy import LEGACY_XATTN_BIAS_KEY
 from src.reader.model import FiDT5
 from src.reader.scores import generate_with_scores
@@ -406,7 +407,7 @@ def test_save_plain_t5_round_trip(tmp_path):
 
 
 def test_load_errors(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(ModelPathError, match="config.json"):
         FiDT5.load(tmp_path)
     torch.manual_seed(0)
     plain = T5ForConditionalGeneration(tiny_t5_config(VOCAB))
@@ -414,5 +415,5 @@ def test_load_errors(tmp_path):
     config = json.loads((tmp_path / "orig" / "config.json").read_text())
     config["d_ff"] = 128  # weights no longer match
     (tmp_path / "orig" / "config.json").write_text(json.dumps(config))
-    with pytest.raises((ValueError, RuntimeError), match="pytorch_model.bin"):
+    with pytest.raises(ModelPathError, match="pytorch_model.bin"):
         FiDT5.load(tmp_path / "orig")

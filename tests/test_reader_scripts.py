@@ -143,7 +143,7 @@ def test_bad_eval_file_is_a_clear_error(setup, tmp_path):
         cwd=ROOT, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert proc.returncode == 2
-    assert f"{bad}, example 0, ctx 0: expected an object with a string 'text'" in proc.stderr
+    assert f"{bad}, example 1, ctx 0: expected an object with a string 'text'" in proc.stderr
 
 
 def _test_reader_rank(rank: int, world_size: int, port: int, args: list[str]) -> None:

@@ -13,6 +13,7 @@ from transformers import AutoTokenizer
 
 from src.data.datasets import RetrieverCollator, RetrieverDataset
 from src.data.questions import rank_ctxs
+from src.errors import ModelPathError
 from src.metrics import (
     count_inversions,
     gold_ranks_of_predicted,
@@ -275,10 +276,10 @@ def test_load_from_options(bert_dir, tmp_path, caplog):
 
     # A saved retriever given as --model_name_or_path loads as a retriever too.
     again, _ = load_retriever(str(tmp_path / "saved"), _opt())
-    with pytest.raises(FileNotFoundError, match="not a saved retriever"):
+    with pytest.raises(ModelPathError, match="not a saved retriever"):
         load_retriever(str(bert_dir), _opt(), trained=True)  # what the corpus scripts ask for
     assert again.dim == 6
-    with pytest.raises(ValueError, match="saved retriever"):
+    with pytest.raises(ModelPathError, match="saved retriever"):
         Retriever.from_encoder(str(tmp_path / "saved"))
 
 

@@ -141,7 +141,7 @@ def test_bad_wscores_file_exits_with_clear_error(setup, tmp_path):
     args[args.index("--train_data") + 1] = str(bad)
     proc = run_script([*args, "--total_steps", "1"], check=False)
     assert proc.returncode == 2
-    assert "no_scores.json" in proc.stderr and "example 1" in proc.stderr and "score" in proc.stderr
+    assert "no_scores.json" in proc.stderr and "example 2 (id q1)" in proc.stderr and "score" in proc.stderr
 
 
 def test_dev_metrics_cover_the_whole_dev_set(setup):

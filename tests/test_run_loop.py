@@ -25,8 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def world():
-    return toy.make_world(seed=0, n_entities=60, n_dev=30, n_test=30)
+def world(toy_world):
+    return toy_world.world
 
 
 # ---------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import torch
 
 from src.corpus.passages import compact_ids
 from src.devices import precision_autocast
-from src.errors import EmbeddingFileError
+from src.errors import EmbeddingFileError, InputError
 from src.files import atomic_write
 
 logger = logging.getLogger("fid.embedding")  # a child of the scripts' "fid" logger
@@ -143,16 +143,17 @@ def shards_of_process(
     if world_size <= 1:
         num_shards = num_shards or 1
         shard_id = 0 if shard_id is None else shard_id
-        shard_range(1, shard_id, num_shards)  # raises for a shard_id outside [0, num_shards)
+        if not 0 <= shard_id < num_shards:
+            raise InputError(f"--shard_id must be in [0, num_shards), got shard_id={shard_id}, num_shards={num_shards}")
         return [shard_id], num_shards
     if shard_id is not None:
-        raise ValueError(
+        raise InputError(
             f"--shard_id picks the shard of a single process; under torchrun rank r of {world_size} embeds "
             "shards r, r+W, r+2W, ... of --num_shards (default: one per process). Drop --shard_id"
         )
     num_shards = num_shards or world_size
     if num_shards < world_size:
-        raise ValueError(
+        raise InputError(
             f"--num_shards {num_shards} is fewer than the {world_size} processes: ranks {num_shards}.."
             f"{world_size - 1} would embed nothing. Ask for at least {world_size} shards or start fewer processes"
         )
@@ -161,7 +162,7 @@ def shards_of_process(
 
 def _check_float16(values: np.ndarray, what: str) -> None:
     if not np.isfinite(values).all():
-        raise ValueError(
+        raise InputError(
             f"{what}: values beyond float16's range (|x| > {FLOAT16_MAX:g}) or not finite; "
             "use --embedding_dtype float32"
         )

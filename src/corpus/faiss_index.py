@@ -32,6 +32,7 @@ import faiss
 import numpy as np
 
 from src.corpus.passages import compact_ids
+from src.errors import InputError
 from src.files import atomic_write
 
 logger = logging.getLogger("fid.index")  # a child of the scripts' "fid" logger
@@ -56,11 +57,7 @@ ADD_BATCH = 65536  # vectors converted to float32 and added at once: bounds FAIS
 
 def index_kind(opt) -> str:
     """--index_type, or the original's rule: pq when --n-subquantizers > 0, else flat."""
-    return getattr(opt, "index_type", None) or ("pq" if opt.n_subquantizers > 0 else "flat")
-
-
-def _opt(opt, name: str):
-    return getattr(opt, name, DEFAULTS[name])
+    return opt.index_type or ("pq" if opt.n_subquantizers > 0 else "flat")
 
 
 def index_signature(opt) -> dict:
@@ -70,11 +67,11 @@ def index_signature(opt) -> dict:
     # kind, n_subquantizers, n_bits for every kind: what earlier saves recorded, so they stay valid
     signature = {"kind": kind, "n_subquantizers": opt.n_subquantizers, "n_bits": opt.n_bits}
     if kind in IVF_KINDS:
-        signature["n_lists"] = _opt(opt, "n_lists")
+        signature["n_lists"] = opt.n_lists
     if kind == "hnsw":
-        signature["hnsw_m"] = _opt(opt, "hnsw_m")
+        signature["hnsw_m"] = opt.hnsw_m
     if kind in TRAINED:
-        signature["train_sample"] = _opt(opt, "index_train_sample")
+        signature["train_sample"] = opt.index_train_sample
     return signature
 
 
@@ -97,8 +94,9 @@ def unused_index_flags(opt) -> dict[str, str]:
 
 
 def _check(condition: bool, message: str) -> None:
+    """A flag value (or a corpus) the chosen index cannot work with: bad input."""
     if not condition:
-        raise ValueError(message)
+        raise InputError(message)
 
 
 class Indexer:
@@ -176,16 +174,16 @@ class Indexer:
     @classmethod
     def from_options(cls, dim: int, opt) -> Indexer:
         """The index the flags ask for (--index_type, --n-subquantizers, --n-bits, --n_lists,
-        --n_probe, --hnsw_m, --index_train_sample; those missing from `opt` take their defaults)."""
+        --n_probe, --hnsw_m, --index_train_sample: Options.add_index_options)."""
         return cls(
             dim,
             opt.n_subquantizers,
             opt.n_bits,
             kind=index_kind(opt),
-            n_lists=_opt(opt, "n_lists"),
-            n_probe=_opt(opt, "n_probe"),
-            hnsw_m=_opt(opt, "hnsw_m"),
-            train_sample=_opt(opt, "index_train_sample"),
+            n_lists=opt.n_lists,
+            n_probe=opt.n_probe,
+            hnsw_m=opt.hnsw_m,
+            train_sample=opt.index_train_sample,
         )
 
     def __len__(self) -> int:
@@ -259,7 +257,7 @@ class Indexer:
     def _train(self, sample: np.ndarray, where: str) -> None:
         needed = self._min_training()
         if len(sample) < needed:  # k-means needs at least one point per centroid
-            raise ValueError(
+            raise InputError(
                 f"training the {self.kind} index needs at least {needed} vectors{' ' + where if where else ''}, "
                 f"got {len(sample)} (use a flat index for small corpora)"
             )
@@ -328,7 +326,16 @@ class Indexer:
 
     @staticmethod
     def read_meta(directory: str | os.PathLike) -> dict:
-        return json.loads((Path(directory) / META_FILE).read_text())
+        path = Path(directory) / META_FILE
+        try:
+            meta = json.loads(path.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise InputError(
+                f"{path}: not the JSON a saved index keeps beside it ({e}); delete the saved index"
+            ) from None
+        if not isinstance(meta, dict):
+            raise InputError(f"{path}: not the JSON object a saved index keeps beside it; delete the saved index")
+        return meta
 
     @classmethod
     def deserialize_from(cls, directory: str | os.PathLike) -> Indexer:
@@ -338,13 +345,16 @@ class Indexer:
         meta = cls.read_meta(directory)
         config = {k: meta[k] for k in ("dim", "n_subquantizers", "n_bits", "kind", "n_lists", "n_probe", "hnsw_m")}
         indexer = cls(**config, train_sample=meta.get("train_sample"))  # saves before the sample have none
-        indexer.index = faiss.read_index(str(directory / INDEX_FILE))
+        try:
+            indexer.index = faiss.read_index(str(directory / INDEX_FILE))
+        except RuntimeError as e:  # FAISS's error for a truncated or foreign file
+            raise InputError(f"{directory / INDEX_FILE}: cannot read the saved index ({e})") from None
         indexer.trained_on = meta.get("trained_on")
         if indexer.kind in IVF_KINDS:
             faiss.extract_index_ivf(indexer.index).nprobe = config["n_probe"]
         indexer._ids = np.load(directory / IDS_FILE, allow_pickle=False)  # int64, or unicode (older saves too)
         if len(indexer._ids) != indexer.index.ntotal or meta.get("ntotal") != indexer.index.ntotal:
-            raise ValueError(
+            raise InputError(
                 f"{directory}: index holds {indexer.index.ntotal} vectors but the id map has {len(indexer._ids)}"
             )
         logger.info("loaded %s index (%d vectors) from %s", indexer.kind, len(indexer), directory)

@@ -26,6 +26,7 @@ import glob
 import logging
 import os
 import time
+import traceback
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
@@ -41,7 +42,7 @@ from src.corpus.embeddings import check_shard, read_shard
 from src.corpus.faiss_index import IDS_FILE, INDEX_FILE, META_FILE, Indexer
 from src.corpus.passages import PassageStore
 from src.data.questions import iter_entries, validate_example
-from src.errors import DataError, EmbeddingFileError
+from src.errors import DataError, is_bad_input
 from src.metrics import TopKAccuracy, question_hits
 
 EXACT_MARGIN = 16  # candidates beyond k that a flat index returns for rescoring
@@ -65,10 +66,7 @@ def embedding_files(pattern: str, allow_pickle: bool = False) -> list[str]:
     if not files:
         raise DataError(f"--passages_embeddings {pattern!r} matches no embedding files")
     for path in files:
-        try:
-            check_shard(path, allow_pickle=allow_pickle)
-        except EmbeddingFileError as e:
-            raise DataError(str(e)) from None
+        check_shard(path, allow_pickle=allow_pickle)  # EmbeddingFileError: a bad input, named
     return files
 
 
@@ -106,11 +104,7 @@ def build_index(files: list[str], dim: int, opt, logger: logging.Logger) -> Inde
     batch = opt.indexing_batch_size
     carry_ids, carry_emb = None, np.zeros((0, dim), np.float32)  # < batch vectors
     for path in tqdm(files, desc="indexing shards", unit="shard"):
-        try:
-            # compact: int64 ids and float16 stay as stored; index_data converts batch by batch
-            ids, emb = read_shard(path, allow_pickle=opt.allow_pickle_embeddings, compact=True)
-        except EmbeddingFileError as e:
-            raise DataError(str(e)) from None
+        ids, emb = read_shard(path, allow_pickle=opt.allow_pickle_embeddings, compact=True)  # index_data converts
         if carry_ids is None:
             carry_ids = ids[:0]
         if carry_ids.dtype.kind != ids.dtype.kind:  # shards with integer and string ids: strings for both
@@ -240,6 +234,16 @@ class PeerFailed(DataError):
     """Another process stopped on a bad input; its message says which and why."""
 
 
+def failure(error: BaseException) -> tuple[bool, str]:
+    """What a stopping process tells the others: (bad input?, its message or a bug's traceback)."""
+    return (True, str(error)) if is_bad_input(error) else (False, "".join(traceback.format_exception(error)))
+
+
+def peer_error(failed: tuple[bool, str], where: str) -> Exception:
+    """Another process's bad input as PeerFailed (one line, exit 2), its bug as a RuntimeError."""
+    return (PeerFailed if failed[0] else RuntimeError)(where + failed[1])
+
+
 def agree(step: Callable[[], Any], group: Any = None) -> list[Any]:
     """Run `step` in every process; every process's result, in rank order, on every process.
     A bad input in any process is raised in all (the first failing rank's message), so that
@@ -249,14 +253,14 @@ def agree(step: Callable[[], Any], group: Any = None) -> list[Any]:
     error = None
     try:
         result = step()
-    except (OSError, ValueError) as e:  # bad inputs (errors.InputError is a ValueError)
+    except Exception as e:  # sent to the others before it is raised here: nobody waits forever
         result, error = None, e
-    results = dist.gather_objects((result, None if error is None else str(error)), group)
-    failed = [(rank, message) for rank, (_, message) in enumerate(results) if message is not None]
+    results = dist.gather_objects((result, None if error is None else failure(error)), group)
+    failed = [(rank, sent) for rank, (_, sent) in enumerate(results) if sent is not None]
     if error is not None:
         raise error
     if failed:
-        raise PeerFailed(f"rank {failed[0][0]}: {failed[0][1]}")
+        raise peer_error(failed[0][1], f"rank {failed[0][0]}: ")
     return [result for result, _ in results]
 
 
@@ -270,27 +274,27 @@ class Searchers:
         self.indexer, self.offset, self.k, self.group = indexer, offset, k, group
         self.stopped = False
 
-    def _local(self, queries: np.ndarray) -> tuple[TopK | None, str | None]:
+    def _local(self, queries: np.ndarray) -> tuple[TopK | None, tuple[bool, str] | None]:
         try:
             return search_share(self.indexer, queries, self.k, self.offset), None
         except Exception as e:  # goes to rank 0 through the gather: nobody waits forever
             if not dist.is_distributed():
                 raise
-            return None, f"{type(e).__name__}: {e}"
+            return None, failure(e)
 
     def search(self, queries: np.ndarray) -> TopK:
         """Rank 0: the global top k of queries (n, dim)."""
         dist.broadcast_from_main(("search", queries), self.group)
         parts = dist.gather_to_main(self._local(queries), self.group)
-        for rank, (_, message) in enumerate(parts):
-            if message is not None:
-                raise PeerFailed(f"rank {rank}: search failed: {message}")
+        for rank, (_, failed) in enumerate(parts):
+            if failed is not None:
+                raise peer_error(failed, f"rank {rank}: search failed: ")
         return merge_top_k([part for part, _ in parts], self.k)
 
     def stop(self, error: BaseException | None = None) -> None:
         """Rank 0, at the end or on an error: the other processes stop serving."""
         if dist.is_distributed() and not self.stopped:
-            dist.broadcast_from_main(("stop", None) if error is None else ("error", str(error)), self.group)
+            dist.broadcast_from_main(("stop", None) if error is None else ("error", failure(error)), self.group)
         self.stopped = True
 
     def serve(self) -> None:
@@ -300,7 +304,7 @@ class Searchers:
             if tag == "stop":
                 return
             if tag == "error":
-                raise PeerFailed(f"rank 0 stopped: {queries}")
+                raise peer_error(queries, "rank 0 stopped: ")
             dist.gather_to_main(self._local(queries), self.group)
 
 

@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 
-from src.data.questions import facts, read_ctxs
+from src.data.questions import example_name, facts, read_ctxs
 from src.errors import DataError
 
 logger = logging.getLogger("fid")
@@ -194,9 +194,9 @@ class RetrieverDataset(torch.utils.data.Dataset):
             i = int(bad[0])
             ex = examples[i]
             if not known.n_ctxs[i]:
-                raise DataError(f"{source}, example {i} (id {ex.get('id')}): no ctxs to train the retriever on")
+                raise DataError(f"{source}, {example_name(i, ex)}: no ctxs to train the retriever on")
             raise DataError(
-                f"{source}, example {i} (id {ex.get('id')}): ctx {known.first_unscored[i]} has no 'score' "
+                f"{source}, {example_name(i, ex)}: ctx {known.first_unscored[i]} has no 'score' "
                 "(gold scores come from test_reader.py --write_crossattention_scores)"
             )
 

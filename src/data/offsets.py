@@ -30,7 +30,7 @@ from typing import Any, BinaryIO, NamedTuple, NoReturn
 import numpy as np
 from tqdm import tqdm
 
-from src.data.questions import Facts, check_questions, example_facts, rank_ctxs, validate_example
+from src.data.questions import Facts, check_questions, example_facts, example_name, named, rank_ctxs, validate_example
 from src.errors import DataError
 from src.files import ProcessFile, atomic_write
 
@@ -299,7 +299,8 @@ class QuestionFile(Sequence):
         limit = len(index.starts) if maxload < 0 else min(maxload, len(index.starts))
         self.starts, self.ends = index.starts, index.ends
         if index.first_invalid < limit:  # its JSON is right (indexed): only that example to read
-            validate_example(self._parse(index.first_invalid), f"{self.path}, {self.where(index.first_invalid)}")
+            ex = self._parse(index.first_invalid)
+            validate_example(ex, f"{self.path}, {self.where(index.first_invalid, ex)}")
             self._careful_error(maxload)  # not reached: validate_example raised
         self.starts, self.ends = index.starts[:limit], index.ends[:limit]
         self.facts = Facts(*(a[:limit] for a in index.facts))
@@ -351,19 +352,20 @@ class QuestionFile(Sequence):
         start, end = int(self.starts[i]), int(self.ends[i])
         return json.loads(self._file.pread(end - start, start).decode("utf-8"))
 
-    def where(self, i: int) -> str:
-        """'example i' (a JSON list) or 'line N' (JSON lines: counted, only for messages)."""
+    def where(self, i: int, ex: Any = None) -> str:
+        """'example N' (a JSON list: 1-based) or 'line N' (JSON lines: counted, only for messages),
+        and the id of `ex` (the example there) as load_questions names it."""
         if not self.lines:
-            return f"example {i}"
+            return example_name(i, ex)
         start, pos, line_number = int(self.starts[i]), 0, 1
         with open(self.path, "rb") as f:
             for line in f:
                 for part in _LONE_CR.split(line) if b"\r" in line else (line,):
                     pos += len(part)
                     if pos > start:
-                        return f"line {line_number}"
+                        return named(f"line {line_number}", ex)
                     line_number += bool(part)
-        return f"line {line_number}"
+        return named(f"line {line_number}", ex)
 
     def close(self) -> None:
         self._file.close()

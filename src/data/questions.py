@@ -82,8 +82,8 @@ def iter_entries(
 ) -> Iterator[tuple[str, Any]]:
     """(where, entry) for each entry of a question file, streamed: one entry in memory at a time.
 
-    A .jsonl file is JSON lines (where: 'line N'); else a JSON list (where: 'example N', or with
-    `by_line` the line where the entry starts). Entries are not checked (validate_example); an
+    A .jsonl file is JSON lines (where: 'line N'); else a JSON list (where: 'example N', 1-based,
+    or with `by_line` the line where the entry starts); an entry's id follows (`named`). Entries are not checked (validate_example); an
     empty list yields nothing. `wrappers`: keys of an object that holds the list (TriviaQA's
     {"Data": [...]}, where: 'Data[i]'; read whole). `lines_in_json`: a file of several JSON values
     is JSON lines whatever its name (else an error that says to name it .jsonl). Errors are those
@@ -143,7 +143,7 @@ def _iter_json_lines(path: Path) -> Iterator[tuple[str, Any]]:
                 entry = json.loads(line)
             except json.JSONDecodeError as e:
                 raise json_error(path, e, lineno) from None
-            yield f"line {lineno}", entry
+            yield named(f"line {lineno}", entry), entry
     if blank:
         raise DataError(f"{path}: empty file (expected JSON lines, one example per line)")
 
@@ -219,8 +219,9 @@ class _JsonText:
         else:
             for i in itertools.count():
                 self.peek()
-                where = f"line {self.line_at(self.pos)}" if by_line else f"example {i}"
-                yield where, self.value()
+                line = self.line_at(self.pos)
+                entry = self.value()
+                yield (named(f"line {line}", entry) if by_line else example_name(i, entry)), entry
                 c = self.peek()
                 self.pos += 1
                 if c == "]":
@@ -235,6 +236,24 @@ class _JsonText:
         line = self.line_at(i)
         cut = msg.startswith("Unterminated string") or i >= len(self.buf.rstrip())
         return _invalid_json(self.path, msg, line, self.offset + i - self.line_start + 1, cut)
+
+
+def named(where: str, ex: Any, position: int | None = None) -> str:
+    """`where` (an example's place in its file) and the example's id when it has one of its own,
+    not the 0-based `position` a loader gave an example without one: 'example 3 (id q7)'."""
+    ex_id = ex.get("id") if isinstance(ex, dict) else None
+    if ex_id is None or (position is not None and type(ex_id) is int and ex_id == position):
+        return where
+    # An id that is not valid Unicode (a lone surrogate) is written as its escape: it must not
+    # break the message that reports it.
+    text = str(ex_id).encode("utf-8", "backslashreplace").decode("utf-8")
+    return f"{where} (id {text})"
+
+
+def example_name(position: int, ex: Any = None) -> str:
+    """How messages name the example at 0-based `position` of a file: by its 1-based position
+    (what an editor's count gives) and its id."""
+    return named(f"example {position + 1}", ex, position)
 
 
 def parse_score(value: Any, where: str) -> float:
@@ -401,4 +420,4 @@ def require_targets(examples: Sequence[dict[str, Any]], path: str, why: str = "t
     missing = np.flatnonzero(~facts(examples).targeted)
     if len(missing):
         i = int(missing[0])
-        raise DataError(f"{path}, example {i} (id {examples[i].get('id')}): no 'target' and no 'answers' {why}")
+        raise DataError(f"{path}, {example_name(i, examples[i])}: no 'target' and no 'answers' {why}")

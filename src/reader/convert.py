@@ -14,6 +14,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from src.errors import USER_PATH_ERRORS, InputError, ModelPathError
 from src.files import atomic_directory
 from src.reader import legacy
 from src.reader.model import FiDT5
@@ -37,7 +38,7 @@ def convert_legacy(src: str | Path, dst: str | Path, legacy_bias: str, logger: l
     if legacy_bias not in ("keep", "drop"):
         raise ValueError(f"--legacy_bias must be keep or drop, got {legacy_bias!r}")
     if not src.is_dir() or legacy.original_fid_state(src) is None:
-        raise ValueError(f"{src}: not an original FiD checkpoint (pytorch_model.bin with encoder.encoder.* keys)")
+        raise ModelPathError(f"{src}: not an original FiD checkpoint (pytorch_model.bin with encoder.encoder.* keys)")
     if dst.exists():
         raise FileExistsError(f"{dst} already exists; choose a new directory")
     model = FiDT5.load(src, logger=log)
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     try:
         convert_legacy(args.src, args.dst, args.legacy_bias)
-    except (ValueError, FileNotFoundError, FileExistsError) as e:
+    except (InputError, *USER_PATH_ERRORS) as e:  # anything else is a bug: its traceback
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0

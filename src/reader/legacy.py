@@ -25,6 +25,9 @@ from torch import nn
 from transformers.cache_utils import EncoderDecoderCache
 from transformers.models.t5.modeling_t5 import T5Attention, T5LayerNorm
 
+from src.errors import ModelPathError
+from src.modeling import loading
+
 # Decoder block 0's cross-attention position table, as transformers 3.0.2 (the original
 # FiD's version) created and saved it. Modern T5 has no such table.
 LEGACY_XATTN_BIAS_KEY = "decoder.block.0.layer.1.EncDecAttention.relative_attention_bias.weight"
@@ -128,7 +131,7 @@ def original_fid_state(path: Path) -> dict[str, torch.Tensor] | None:
     try:
         state = torch.load(weights, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear error
-        raise ValueError(f"{weights}: cannot read the checkpoint ({e})") from e
+        raise ModelPathError(f"{weights}: cannot read the checkpoint ({e})") from e
     return state if any(key.startswith("encoder.encoder.") for key in state) else None
 
 
@@ -151,7 +154,8 @@ def load_original_fid(cls, path: Path, state: dict[str, torch.Tensor], log: logg
     # A 3.0.2 config.json has no num_decoder_layers / feed_forward_proj /
     # tie_word_embeddings: T5Config's defaults for them (decoder layers = num_layers,
     # relu, tied embeddings with rescaled decoder output) are 3.0.2's architecture.
-    config = transformers.T5Config.from_pretrained(path)
+    with loading(path, "original FiD checkpoint"):
+        config = transformers.T5Config.from_pretrained(path)
     state = {_modern_t5_key(key): tensor for key, tensor in state.items()}
     legacy = LEGACY_XATTN_BIAS_KEY in state
     if legacy:
@@ -162,11 +166,11 @@ def load_original_fid(cls, path: Path, state: dict[str, torch.Tensor], log: logg
     try:
         result = model.load_state_dict(state, strict=False)
     except RuntimeError as e:  # shape mismatches
-        raise ValueError(f"{path / 'pytorch_model.bin'}: does not match its config.json: {e}") from e
+        raise ModelPathError(f"{path / 'pytorch_model.bin'}: does not match its config.json: {e}") from e
     tied = {"encoder.embed_tokens.weight", "decoder.embed_tokens.weight", "lm_head.weight"}
     missing = [key for key in result.missing_keys if key not in tied]
     if missing or result.unexpected_keys:
-        raise ValueError(
+        raise ModelPathError(
             f"{path / 'pytorch_model.bin'}: does not match its config.json as an original FiD T5 checkpoint "
             f"(missing {missing[:5]}, unexpected {result.unexpected_keys[:5]})"
         )

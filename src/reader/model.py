@@ -14,7 +14,8 @@ import transformers
 from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
-from src.modeling import check_model_path, config_model_type
+from src.errors import ModelPathError
+from src.modeling import check_model_path, config_model_type, loading
 from src.reader import legacy, packing
 from src.reader.packing import EncodedPassages
 
@@ -163,10 +164,10 @@ class FiDT5(transformers.T5ForConditionalGeneration):
         keys = None
         if local.is_dir():
             if not (local / "config.json").is_file():
-                raise FileNotFoundError(f"{local}: no config.json, not a T5 / FiD checkpoint directory")
+                raise ModelPathError(f"{local}: no config.json, not a T5 / FiD checkpoint directory")
             model_type = config_model_type(local)
             if model_type is not None and model_type != "t5":  # very old configs may lack model_type
-                raise ValueError(f"{local}: config.json is a {model_type} model, not a T5 / FiD reader checkpoint")
+                raise ModelPathError(f"{local}: config.json is a {model_type} model, not a T5 / FiD reader checkpoint")
             original = legacy.original_fid_state(local)
             if original is not None:
                 model = legacy.load_original_fid(cls, local, original, log)
@@ -175,19 +176,20 @@ class FiDT5(transformers.T5ForConditionalGeneration):
             try:
                 keys = legacy.checkpoint_keys(local)
             except Exception as e:  # a corrupt or truncated weights file: safetensors/torch errors of all kinds
-                raise ValueError(f"{local}: cannot read the model weights ({type(e).__name__}: {e})") from e
+                raise ModelPathError(f"{local}: cannot read the model weights ({type(e).__name__}: {e})") from e
             if keys is None:
-                raise FileNotFoundError(
+                raise ModelPathError(
                     f"{local}: no model weights (model.safetensors or pytorch_model.bin), not a T5 / FiD checkpoint"
                 )
         # Train and keep weights in float32 whatever dtype they were saved in (bf16/fp16 come
         # from autocast, --precision); transformers 5 would otherwise keep the saved dtype.
         from_pretrained_kwargs.setdefault("dtype", torch.float32)
-        model = cls.from_pretrained(str(path), **from_pretrained_kwargs)
+        with loading(path, "reader"):
+            model = cls.from_pretrained(str(path), **from_pretrained_kwargs)
         model.packing = packing
         if model.has_legacy_xattn_bias:
             if keys is not None and legacy.LEGACY_XATTN_BIAS_KEY not in keys:
-                raise ValueError(
+                raise ModelPathError(
                     f"{local}: config.json sets fid_legacy_xattn_bias but the weights lack {legacy.LEGACY_XATTN_BIAS_KEY}"
                 )
             log.info("loaded FiD reader from %s: legacy cross-attention bias ON (recorded in its config)", path)

@@ -23,6 +23,7 @@ from src import distributed as dist
 from src.data.datasets import ReaderCollator, ReaderDataset
 from src.devices import precision_autocast
 from src.metrics import mean_em
+from src.modeling import check_model_path, loading
 from src.reader.model import FiDT5
 from src.reader.scores import generate_with_scores
 from src.train.trainer import Task
@@ -66,7 +67,9 @@ def tokenizer_source(model_dir: str | Path | None, tokenizer: str | None, fallba
 
 
 def load_tokenizer(source: str):
-    return AutoTokenizer.from_pretrained(source)
+    check_model_path(source, "tokenizer")
+    with loading(source, "tokenizer"):
+        return AutoTokenizer.from_pretrained(source)
 
 
 def load_reader(

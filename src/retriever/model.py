@@ -13,6 +13,8 @@ import transformers
 from torch import nn
 
 from src.distributed import gather_with_local_grad
+from src.errors import ModelPathError
+from src.modeling import loading
 
 
 class RetrieverConfig(transformers.PretrainedConfig):
@@ -91,14 +93,15 @@ class Retriever(transformers.PreTrainedModel):
         The projection (if any) starts random; with `projection=False` the embedding
         size is the encoder's hidden size and `indexing_dimension` is ignored.
         """
-        encoder_config = transformers.AutoConfig.from_pretrained(model_name_or_path)
+        with loading(model_name_or_path, "retriever encoder"):
+            encoder_config = transformers.AutoConfig.from_pretrained(model_name_or_path)
         if isinstance(encoder_config, RetrieverConfig):
-            raise ValueError(
+            raise ModelPathError(
                 f"{model_name_or_path} is a saved retriever, not an encoder: load it with Retriever.from_pretrained "
                 "(or --model_path)"
             )
         if getattr(encoder_config, "is_encoder_decoder", False):
-            raise ValueError(
+            raise ModelPathError(
                 f"{model_name_or_path}: a {encoder_config.model_type} encoder-decoder model, not an encoder "
                 "(BERT-like) for the retriever"
             )
@@ -112,9 +115,10 @@ class Retriever(transformers.PreTrainedModel):
         )
         # Load the encoder with the (shared) sub-config only now: building the
         # RetrieverConfig resets its attention implementation, loading sets it again.
-        encoder = transformers.AutoModel.from_pretrained(
-            model_name_or_path, config=retriever_config.encoder, dtype=torch.float32
-        )
+        with loading(model_name_or_path, "retriever encoder"):
+            encoder = transformers.AutoModel.from_pretrained(
+                model_name_or_path, config=retriever_config.encoder, dtype=torch.float32
+            )
         return cls(retriever_config, encoder=encoder)
 
     # -- embeddings ------------------------------------------------------------
@@ -218,9 +222,10 @@ def is_saved_retriever(path: str | Path) -> bool:
     if not config_file.is_file():
         return False
     try:
-        return json.loads(config_file.read_text()).get("model_type") == RetrieverConfig.model_type
-    except (OSError, json.JSONDecodeError):
+        config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return False
+    return isinstance(config, dict) and config.get("model_type") == RetrieverConfig.model_type
 
 
 transformers.AutoConfig.register(RetrieverConfig.model_type, RetrieverConfig, exist_ok=True)

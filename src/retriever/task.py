@@ -17,8 +17,9 @@ from src import distributed as dist
 from src.data.datasets import RetrieverCollator, RetrieverDataset
 from src.devices import precision_autocast
 from src.distributed import Runtime
+from src.errors import ModelPathError
 from src.metrics import per_question_ranking_metrics
-from src.modeling import check_model_path
+from src.modeling import check_model_path, loading
 from src.retriever.losses import get_loss
 from src.retriever.model import Retriever, RetrieverConfig, is_saved_retriever
 from src.train.trainer import Task
@@ -71,19 +72,18 @@ def load_retriever(
     Tokenizer: `--tokenizer_name_or_path`, else `model_dir`."""
     model_dir = str(model_dir)
     if trained and not os.path.exists(model_dir):
-        raise FileNotFoundError(
-            f"--model_path {model_dir}: no such directory (a retriever saved by train_retriever.py)"
-        )
+        raise ModelPathError(f"--model_path {model_dir}: no such directory (a retriever saved by train_retriever.py)")
     if trained and not is_saved_retriever(model_dir):
-        raise FileNotFoundError(
+        raise ModelPathError(
             f"--model_path {model_dir}: not a saved retriever (a directory written by train_retriever.py, "
             "with a config.json of model_type fid_retriever)"
         )
     check_model_path(model_dir, "retriever")
     if os.path.isdir(model_dir) and not os.path.isfile(os.path.join(model_dir, "config.json")):
-        raise FileNotFoundError(f"{model_dir}: no config.json, not a retriever or encoder (BERT-like) directory")
+        raise ModelPathError(f"{model_dir}: no config.json, not a retriever or encoder (BERT-like) directory")
     if is_saved_retriever(model_dir):
-        retriever = Retriever.from_pretrained(model_dir, dtype=torch.float32)
+        with loading(model_dir, "retriever"):
+            retriever = Retriever.from_pretrained(model_dir, dtype=torch.float32)
         _warn_if_options_differ(retriever.config, choice, model_dir, log)
     else:
         retriever = Retriever.from_encoder(
@@ -95,7 +95,9 @@ def load_retriever(
             apply_passage_mask=not choice.no_passage_mask,
         )
     tokenizer_dir = choice.tokenizer_name_or_path or model_dir
-    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
+    check_model_path(tokenizer_dir, "tokenizer")
+    with loading(tokenizer_dir, "tokenizer"):
+        tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer_dir)
     c = retriever.config
     log.info(
         "retriever from %s (tokenizer %s): dim %d, projection %s, pooling %s, question mask %s, passage mask %s",

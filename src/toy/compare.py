@@ -88,6 +88,7 @@ def write_comparison(run_dir: Path, rows: list[dict], first_stage_name: str) -> 
 def run_comparison(opt) -> Path:
     """run_loop.py --compare_signals: returns the run directory (compare.md, compare.json)."""
     setup = prepare(opt)
+    opt = setup.opt
     rows = compare_signals(setup.run, opt, setup.splits, setup.passages, setup.first_stage, setup.retriever_init)
     md = write_comparison(setup.run.run_dir, rows, setup.first_stage_name)
     print(f"\n{md}\nwall time {(time.time() - setup.started) / 60:.1f} min; run directory (compare.md):", flush=True)

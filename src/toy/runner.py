@@ -9,6 +9,7 @@ the flags it reads. The metrics and the table are report.py's.
 
 from __future__ import annotations
 
+import argparse
 import os
 import shlex
 import subprocess
@@ -22,6 +23,7 @@ from src.toy import world as toy
 from src.toy.report import ctxs_topk, reader_em, round_result, table, write_report, xattn_top1
 
 SCRIPTS = Path(__file__).resolve().parents[2]  # the repository root: the scripts and `src`
+TOY_SPLITS = {"train_data": "train", "eval_data": "dev", "test_data": "test"}  # flag: the toy world's split
 
 # ---------------------------------------------------------------------------
 # Running the scripts
@@ -196,8 +198,9 @@ def top_ctxs(src: Path, dst: Path, n: int) -> Path:
     return dst
 
 
-def make_toy(opt, run_dir: Path) -> None:
-    """Toy world, BM25 ctxs and tiny starting models, written into the run directory."""
+def make_toy(opt, run_dir: Path) -> argparse.Namespace:
+    """Toy world, BM25 ctxs and tiny starting models, written into the run directory. Returns
+    a copy of the options naming them as the data and models (the user's are left alone)."""
     data = run_dir / "data"
     data.mkdir(parents=True, exist_ok=True)
     n = opt.toy_entities
@@ -208,18 +211,21 @@ def make_toy(opt, run_dir: Path) -> None:
     toy.write_passages_tsv(data / "psgs_w100.tsv", world.passages)
     for name, questions in (("train", world.train), ("dev", world.dev), ("test", world.test)):
         write_questions(data / f"{name}.json", questions)
-    opt.train_data, opt.eval_data, opt.test_data = (str(data / f"{s}.json") for s in ("train", "dev", "test"))
-    opt.passages = str(data / "psgs_w100.tsv")
     models = run_dir / "models"
-    opt.reader_model = str(toy.build_reader(models / "reader_start", world, seed=opt.seed))
-    opt.retriever_model = str(
-        toy.build_retriever(models / "retriever_start", world, dim=opt.indexing_dimension, seed=opt.seed)
-    )
+    toy_inputs = {
+        **{flag: str(data / f"{split}.json") for flag, split in TOY_SPLITS.items()},
+        "passages": str(data / "psgs_w100.tsv"),
+        "reader_model": str(toy.build_reader(models / "reader_start", world, seed=opt.seed)),
+        "retriever_model": str(
+            toy.build_retriever(models / "retriever_start", world, dim=opt.indexing_dimension, seed=opt.seed)
+        ),
+    }
     print(
         f"toy world: {len(world.passages)} passages, {len(world.train)}/{len(world.dev)}/{len(world.test)} "
         f"train/dev/test questions, BM25 ctxs, tiny models in {models}",
         flush=True,
     )
+    return argparse.Namespace(**{**vars(opt), **toy_inputs})
 
 
 # ---------------------------------------------------------------------------
@@ -249,8 +255,10 @@ def run_round(
 
 @dataclass
 class Setup:
-    """What every run of the loop starts from: the data cut to n_context, and the baselines."""
+    """What every run of the loop starts from: the data cut to n_context, and the baselines.
+    `opt`: the options the loop runs with (the toy world's files as its data, with --toy)."""
 
+    opt: argparse.Namespace
     run: Runner
     passages: Path
     splits: dict[str, Path]
@@ -270,7 +278,7 @@ def prepare(opt) -> Setup:
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     if opt.toy:
-        make_toy(opt, run_dir)
+        opt = make_toy(opt, run_dir)
     run = Runner(opt, run_dir)
     passages, n = Path(opt.passages), opt.n_context
     test_questions = load_questions(opt.test_data, rank=True)
@@ -283,13 +291,23 @@ def prepare(opt) -> Setup:
     start_scored = test_reader(run, opt, "reader_init/score_test", Path(opt.reader_model), splits["test"])
     reader_init_em = reader_em(start_scored, test_questions)
     return Setup(
-        run, passages, splits, test_questions, first_stage, first_stage_name, retriever_init, reader_init_em, started
+        opt,
+        run,
+        passages,
+        splits,
+        test_questions,
+        first_stage,
+        first_stage_name,
+        retriever_init,
+        reader_init_em,
+        started,
     )
 
 
 def run_loop(opt, setup: Setup | None = None) -> Path:
     """Run the rounds that run_loop.py's options describe; returns the run directory."""
     setup = setup or prepare(opt)
+    opt = setup.opt
     run, passages, splits, n = setup.run, setup.passages, setup.splits, opt.n_context
     rounds: list[dict] = []
     reader, fresh, retriever = opt.reader_model, True, opt.retriever_model

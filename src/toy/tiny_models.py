@@ -2,18 +2,21 @@
 
 Nothing here touches the network: a word-level tokenizer is trained on the text you
 give it and saved as an ordinary Hugging Face tokenizer directory, so every script
-loads it by path exactly as it would load `t5-base` or `bert-base-uncased`.
+loads it by path exactly as it would load `t5-base` or `bert-base-uncased`. Also here: the
+hand-set word-matching prior the toy demo's reader starts from (`word_matching_prior`).
 """
 
 from __future__ import annotations
 
+import math
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
+import torch
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
-from transformers import BertConfig, PreTrainedTokenizerFast, T5Config
+from transformers import BertConfig, BertModel, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
 
 T5_SPECIALS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 as in T5
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -111,9 +114,6 @@ def tiny_bert_config(vocab_size: int, hidden: int = 32, layers: int = 2, heads: 
 
 def save_tiny_t5(path: str | Path, texts: Iterable[str], seed: int = 0, **config_kw) -> Path:
     """Tokenizer + randomly initialised T5 saved as one model directory."""
-    import torch
-    from transformers import T5ForConditionalGeneration
-
     path = Path(path)
     tokenizer = build_word_tokenizer(texts, "t5")
     torch.manual_seed(seed)
@@ -125,9 +125,6 @@ def save_tiny_t5(path: str | Path, texts: Iterable[str], seed: int = 0, **config
 
 def save_tiny_bert(path: str | Path, texts: Iterable[str], seed: int = 0, **config_kw) -> Path:
     """Tokenizer + randomly initialised BERT saved as one model directory."""
-    import torch
-    from transformers import BertModel
-
     path = Path(path)
     tokenizer = build_word_tokenizer(texts, "bert")
     torch.manual_seed(seed)
@@ -135,3 +132,168 @@ def save_tiny_bert(path: str | Path, texts: Iterable[str], seed: int = 0, **conf
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+# ---------------------------------------------------------------------------
+# The toy reader's starting point: a word-matching prior (toy/world.py's build_reader)
+# ---------------------------------------------------------------------------
+
+# Stop words for the prior: words in more than this share of passages never "match".
+STOPWORD_DF = 0.25
+
+
+def word_matching_prior(model, tokenizer, passages: list[dict], sink_word: str = "question", seed: int = 0) -> None:
+    """Set a from-scratch T5's weights so that it starts out reading like BM25 + copy.
+
+    A tiny T5 trained from scratch on 2 CPU cores needs far more steps than a demo has
+    to discover how to compare a question with a passage (pretraining gives that to the
+    papers' t5-base; a plain tiny T5 here stays at EM ≈ 0 after minutes). So the initial
+    weights carry it, built from the corpus only (document frequencies; no question
+    file is read). Reserved embedding dimensions (the last 7 of d_model; the others are
+    an ordinary random embedding, "content"):
+
+      COLON  8 on ":"                  -- the attention sink of layer 1
+      WT     idf weight of the word    -- names matter more than template words
+      STOPC  8 on frequent words       -- these go to the sink instead of matching
+      ONE    1 on every other word
+      SINK   8 on `sink_word`          -- "question", first token of every reader input
+      MARK   written by layer 0: the idf of the word's equal elsewhere in the input
+      REL    written by layer 1: ∝ Σ MARK over the input = question/passage overlap
+
+    Encoder layer 0, head 0: q = k = identity on content, so a word's logit with an
+    equal word is ≈ |e|² (large) and with another word ≈ 0 (noise); attending to oneself
+    is blocked by the relative-position bias at distance 0, and the sink takes the
+    attention of a word with no equal. The value is the attended word's idf, written to
+    MARK: a question word present in the passage (and vice versa) gets its idf.
+    Encoder layer 1, head 0: attention mostly on the two ":" (logit s0 ≫ log length),
+    uniform and small elsewhere, so the output is ∝ the SUM of MARK → REL.
+    Decoder layer 0, cross-attention head 0, first step: key = γ·REL + δ·(WT − MARK), so
+    it attends to the rare, unmatched words of the most relevant passage; value/output
+    copy the attended word's content, and the tied LM head turns it back into the word.
+    The step after an answer word (ONE = 1) favours `</s>`.
+    Everything else keeps T5's random initialisation, and all of it is trained.
+    """
+    d = _PriorDims(model.config.d_model, model.config.d_kv)
+    stop, idf, in_corpus = _stop_words_and_idf(tokenizer, passages, model.config.vocab_size)
+    with torch.no_grad():
+        _wire_embedding(model.shared.weight, d, tokenizer, stop, idf, in_corpus, sink_word, seed)
+        _wire_encoder(model, d)
+        _zero_other_branches(model, d.dk)
+        _wire_decoder(model, d)
+
+
+class _PriorDims:
+    """The reserved embedding dimensions of `word_matching_prior` (the last 7 of d_model)."""
+
+    def __init__(self, d_model: int, d_kv: int):
+        self.COLON, self.WT, self.STOPC, self.ONE, self.SINK, self.MARK, self.REL = range(d_model - 7, d_model)
+        self.C, self.dk = d_model - 7, d_kv  # content dimensions [0, C); head width
+        if d_kv < self.C + 1:
+            raise ValueError(f"word_matching_prior needs d_kv > d_model - 7 (got d_kv={d_kv}, d_model={d_model})")
+
+
+def _stop_words_and_idf(tokenizer, passages: list[dict], vocab: int):
+    """(stop-word mask, idf / log n, in-corpus mask), each (vocab,), from document frequencies."""
+    df = Counter()
+    for p in passages:
+        df.update(set(tokenizer.convert_tokens_to_ids(tokenizer.tokenize(p["text"]))))
+    n = len(passages)
+    stop = torch.tensor([df[i] / n > STOPWORD_DF for i in range(vocab)])
+    stop[tokenizer.all_special_ids] = True
+    for word in (":", "?", ".", ",", "question", "context", "title"):
+        stop[tokenizer.convert_tokens_to_ids(word)] = True
+    idf = torch.tensor([math.log(n / max(df[i], 1)) for i in range(vocab)]) / math.log(n)
+    return stop, idf, [df[i] > 0 for i in range(vocab)]
+
+
+def _wire_embedding(E, d: _PriorDims, tokenizer, stop, idf, in_corpus, sink_word: str, seed: int) -> None:
+    """The shared (vocab, d_model) embedding, tied with the LM head: random content of equal
+    norms, and the reserved dimensions."""
+    C = d.C
+    g = torch.Generator().manual_seed(seed)
+    E.zero_()
+    content = torch.randn(E.shape[0], C, generator=g)
+    E[:, :C] = content * (C**0.5 / content.norm(dim=1, keepdim=True))  # equal norms: stable RMSNorm
+    E[stop, :C] *= 0.05
+    E[stop, d.STOPC] = (C + 1) ** 0.5  # the norm of a content word: same RMSNorm scale
+    E[~stop, d.ONE] = 1.0
+    E[:, d.WT] = idf.clamp(max=1.0)
+    E[stop, d.WT] = 0.0
+    E[[i for i, seen in enumerate(in_corpus) if not seen], d.WT] = 0.0  # question-only words are never answers
+    sink = tokenizer.convert_tokens_to_ids(sink_word)
+    E[sink] = 0.0
+    E[sink, d.SINK] = 8.0
+    E[tokenizer.convert_tokens_to_ids(":"), d.COLON] = 8.0
+    E[tokenizer.eos_token_id, :C] = 0.0
+    E[tokenizer.eos_token_id, d.ONE] = 100.0  # after an answer word (ONE = 1): stop
+
+
+def _wire_encoder(model, d: _PriorDims, s0: float = 5.0) -> None:
+    """Head 0 of encoder layers 0 (MARK: the idf of a word's equal) and 1 (REL ∝ Σ MARK);
+    `s0`: layer 1's sink logit, e^5 ≫ input length, so attention to words stays ≈ constant."""
+    C, dk = d.C, d.dk
+    # Encoder layer 0, head 0 (rows [0, dk) of q/k/v, columns [0, dk) of o).
+    att = model.encoder.block[0].layer[0].SelfAttention
+    for lin in (att.q, att.k, att.v):
+        lin.weight[:dk].zero_()
+    att.q.weight[:C, :C] = torch.eye(C)
+    att.k.weight[:C, :C] = torch.eye(C)
+    sink_logit = 0.5 * C / 8  # half an equal word's logit (|e|² ≈ C after RMSNorm)
+    att.q.weight[dk - 1, d.ONE] = sink_logit
+    att.q.weight[dk - 1, d.STOPC] = sink_logit
+    att.k.weight[dk - 1, d.SINK] = 1.0
+    att.v.weight[0, d.WT] = 1.0
+    att.o.weight[:, :dk].zero_()
+    att.o.weight[d.MARK, 0] = 1.0
+    bias = att.relative_attention_bias.weight  # (buckets, heads); shared by all encoder layers
+    bias[:, 0] = 0.0
+    bias[0, 0] = -1e3  # bucket 0 = distance 0: no attention to oneself
+
+    # Encoder layer 1, head 0: ∝ Σ MARK.
+    att = model.encoder.block[1].layer[0].SelfAttention
+    for lin in (att.q, att.k, att.v):
+        lin.weight[:dk].zero_()
+    att.q.weight[0, d.ONE] = 1.0
+    att.q.weight[0, d.STOPC] = 1.0 / 8
+    att.q.weight[0, d.SINK] = 1.0 / 8
+    att.q.weight[0, d.COLON] = 1.0 / 8
+    att.k.weight[0, d.COLON] = s0 / 8
+    att.v.weight[0, d.MARK] = 1.0
+    att.o.weight[:, :dk].zero_()
+    att.o.weight[d.REL, 0] = 100.0  # attention weights are ≈ 1/(2e^s0): scale back up
+
+
+def _zero_other_branches(model, dk: int) -> None:
+    """Every other residual branch starts at zero (output projections of the other heads,
+    feed-forward outputs), as in zero-init residual schemes: the wired circuit is not
+    drowned in random noise at step 0, and all of them still learn."""
+    for stack in (model.encoder, model.decoder):
+        for block in stack.block:
+            for layer in block.layer[:-1]:
+                att = layer.SelfAttention if hasattr(layer, "SelfAttention") else layer.EncDecAttention
+                att.o.weight[:, dk:] = 0.0
+            block.layer[-1].DenseReluDense.wo.weight.zero_()
+    for block in model.decoder.block:
+        for layer in block.layer[:-1]:
+            att = layer.SelfAttention if hasattr(layer, "SelfAttention") else layer.EncDecAttention
+            if att is not model.decoder.block[0].layer[1].EncDecAttention:
+                att.o.weight.zero_()
+
+
+def _wire_decoder(model, d: _PriorDims, gamma: float = 4.0, delta: float = 1.5) -> None:
+    """Decoder layer 0, cross-attention head 0: find the answer word and copy it (`gamma`:
+    weight of passage relevance, `delta`: of the rare unmatched word in it)."""
+    C, dk = d.C, d.dk
+    x = model.decoder.block[0].layer[1].EncDecAttention
+    for lin in (x.q, x.k, x.v):
+        lin.weight[:dk].zero_()
+    x.q.weight[0, d.STOPC] = 1.0  # the decoder start token <pad> is a "stop" word
+    x.k.weight[0, d.REL] = gamma
+    x.k.weight[0, d.WT] = delta
+    x.k.weight[0, d.MARK] = -delta
+    x.v.weight[:C, :C] = torch.eye(C)
+    x.o.weight[:, :dk].zero_()
+    x.o.weight[:C, :C] = torch.eye(C)
+    # The LM head reads content (the copied word) and ONE (stop after a word).
+    model.decoder.final_layer_norm.weight[C:] = 0.0
+    model.decoder.final_layer_norm.weight[d.ONE] = 1.0

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from src import distributed as dist
+from src.errors import InputError, ModelPathError
 from src.files import atomic_directory, clean_interrupted, complete_or_old
 from src.train.strategy import Strategy
 
@@ -141,8 +142,11 @@ def load_training_state(
     return step and best metric."""
     path = Path(ckpt_dir) / STATE_FILE
     if not path.exists():
-        raise FileNotFoundError(f"{ckpt_dir}: no {STATE_FILE}, not a training checkpoint of this code")
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+        raise ModelPathError(f"{ckpt_dir}: no {STATE_FILE}, not a training checkpoint of this code")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a corrupt or truncated file: torch and pickle errors of all kinds
+        raise ModelPathError(f"{path}: cannot read the training state ({type(e).__name__}: {e})") from e
     if optimizer is not None and strategy is not None:
         strategy.load(Path(ckpt_dir), model, optimizer, payload)
     elif optimizer is not None and payload["optimizer"] is not None:
@@ -161,6 +165,18 @@ def load_training_state(
     }
 
 
+def saved_options(ckpt_dir: Path) -> dict[str, Any]:
+    """The options.json a checkpoint was saved with."""
+    path = ckpt_dir / "options.json"
+    try:
+        options = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InputError(f"{path}: not the JSON object of options a checkpoint is saved with ({e})") from None
+    if not isinstance(options, dict):
+        raise InputError(f"{path}: not the JSON object of options a checkpoint is saved with")
+    return options
+
+
 def start_point(
     run_dir: str | Path, model_path: str, model_name_or_path: str | None, default_model: str
 ) -> tuple[str, Path | None]:
@@ -174,7 +190,7 @@ def start_point(
     """
     resume = latest(run_dir)
     if resume is not None:
-        started_from = json.loads((resume / "options.json").read_text()).get("model_path", "none")
+        started_from = saved_options(resume).get("model_path", "none")
         if model_path in ("none", started_from):
             return str(resume), resume
         logger.warning(
