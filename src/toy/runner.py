@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from src.data.questions import load_questions, read_ctxs, write_questions
+from src.retriever.model import passage_template_for
 from src.toy import world as toy
 from src.toy.report import ctxs_topk, reader_em, round_result, table, write_report, xattn_top1
 
@@ -212,8 +213,13 @@ def make_toy(opt, run_dir: Path) -> None:
     opt.passages = str(data / "psgs_w100.tsv")
     models = run_dir / "models"
     opt.reader_model = str(toy.build_reader(models / "reader_start", world, seed=opt.seed))
+    recipe = {  # the recipe the loop's flags give (the scripts read it from the model)
+        "passage_template": passage_template_for(None, opt.no_title),
+        "question_maxlength": opt.question_maxlength,
+        "passage_maxlength": opt.passage_maxlength,
+    }
     opt.retriever_model = str(
-        toy.build_retriever(models / "retriever_start", world, dim=opt.indexing_dimension, seed=opt.seed)
+        toy.build_retriever(models / "retriever_start", world, dim=opt.indexing_dimension, seed=opt.seed, **recipe)
     )
     print(
         f"toy world: {len(world.passages)} passages, {len(world.train)}/{len(world.dev)}/{len(world.test)} "
