@@ -180,7 +180,7 @@ def train(root: Path, bert: Path, name: str, nproc: int, *extra: str) -> dict[st
         "--train_data", str(root / "train.json"), "--model_name_or_path", str(bert), "--checkpoint_dir",
         str(root / "runs"), "--name", name, "--n_context", "3", "--indexing_dimension", "8", "--no_title",
         "--per_gpu_batch_size", "2", "--total_steps", "3", "--lr", "1e-2", "--dropout", "0", "--device", "cpu",
-        "--in_batch_negatives", *extra,
+        "--in_batch_negatives", "--accumulation_steps", "2", *extra,
     ]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     launcher = [sys.executable]
@@ -196,6 +196,8 @@ def train(root: Path, bert: Path, name: str, nproc: int, *extra: str) -> dict[st
 @pytest.mark.slow
 @pytest.mark.parametrize("nproc", [1, 2])
 def test_weights_after_three_steps_are_the_same_with_grad_cache(data, nproc):
+    """Through the trainer: its scale (accumulation over 2 batches) and, with 2 processes,
+    DDP's synchronisation at the end of each accumulation cycle only."""
     root, bert = data
     plain = train(root, bert, f"plain{nproc}", nproc)
     cached = train(root, bert, f"cached{nproc}", nproc, "--grad_cache_chunk_size", "2")

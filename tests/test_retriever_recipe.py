@@ -112,6 +112,8 @@ def test_recipe_is_saved_and_the_corpus_scripts_follow_it(trained):
                     return_tensors="pt")  # fmt: skip
     with torch.no_grad():
         e_q = retriever.embed_questions(enc["input_ids"], enc["attention_mask"]).numpy()  # (4, 8), 7 tokens
+    log = (root / "out.json.log").read_text()
+    assert "MRR@1 " in log and "recall@3 " in log  # beyond top-k accuracy
     for q, out in zip(e_q, load_questions(root / "out.json")):
         best = np.argsort(-(shard @ q), kind="stable")[:3]
         assert [c["id"] for c in out["ctxs"]] == [rows[i][0] for i in best]
