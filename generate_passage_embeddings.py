@@ -33,7 +33,6 @@ from src.corpus.embeddings import (
     write_shard,
 )
 from src.corpus.passages import PassageStore
-from src.data.datasets import format_passage
 from src.devices import default_device, resolve_precision
 from src.errors import DataError, PassageFileError
 from src.options import Options, config_from
@@ -150,7 +149,7 @@ def embed_shard(
         opt.passages,
         output,
     )
-    texts = (format_passage(p["title"], p["text"], opt.no_title) for p in store.iter_range(start, end))
+    texts = (model.format_passage(p["title"], p["text"]) for p in store.iter_range(start, end))  # the model's recipe
     t0 = time.time()
     with tqdm(total=end - start, desc=f"shard {shard_id}", unit="psg") as bar:
         embeddings = embed_texts(
@@ -158,7 +157,7 @@ def embed_shard(
             tokenizer,
             texts,
             batch_size=opt.per_gpu_batch_size,
-            max_length=opt.passage_maxlength,
+            max_length=model.config.passage_maxlength,
             device=device,
             precision=precision,
             sort_by_length=not opt.no_sort_by_length,

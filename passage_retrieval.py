@@ -53,7 +53,6 @@ from src.corpus.search import (
     shards_signature,
     share_of,
 )
-from src.data.datasets import format_question
 from src.data.questions import check_questions, write_questions
 from src.devices import default_device, resolve_precision
 from src.errors import DataError, PassageFileError
@@ -268,9 +267,9 @@ def question_embedder(model, tokenizer, opt) -> Callable[[list[dict]], np.ndarra
         return embed_texts(
             model.embed_questions,
             tokenizer,
-            [format_question(ex["question"]) for ex in examples],
+            [model.format_question(ex["question"]) for ex in examples],  # the model's recipe
             batch_size=opt.per_gpu_batch_size,
-            max_length=opt.question_maxlength,
+            max_length=model.config.question_maxlength,
             device=opt.device,
             precision=opt.precision,
             pad_to_max_length=pools_over_padding(model, "question"),

@@ -70,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--nproc", type=int, default=1, help="torchrun processes per training/scoring step")
     g.add_argument("--quick", action="store_true", help="a small world and few steps (for the test suite)")
+    g.add_argument(
+        "--query_side",
+        nargs="?",
+        const="on",
+        choices=["on", "both"],
+        default=None,
+        help="query-side training (train_retriever.py --query_side_retriever_training): the rounds train the "
+        "question side only and search the index of the starting retriever, never re-embedding the corpus; "
+        "'both': the loop with and without it from the same start, side by side in report.md",
+    )
     g.add_argument("--seed", type=int, default=0, help="random seed of the toy world and of every step")
     g.add_argument(
         "--precision",

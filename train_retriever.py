@@ -46,10 +46,10 @@ def main(argv: list[str] | None = None) -> None:
     # Data first: a bad file should fail before a large model loads. Read on demand: each
     # process holds only the offsets of the examples (docs/scripts.md).
     train_examples = QuestionFile(opt.train_data, opt.maxload, rank=True)
-    train_dataset = RetrieverDataset(train_examples, opt.n_context, opt.no_title, source=opt.train_data)
+    RetrieverDataset.check(train_examples, opt.n_context, opt.train_data)
     eval_examples = QuestionFile(opt.eval_data, opt.maxload, rank=True) if opt.eval_data != "none" else []
-    eval_dataset = RetrieverDataset(eval_examples, opt.n_context, opt.no_title, source=opt.eval_data)
-    logger.info("%d training questions, %d dev questions", len(train_dataset), len(eval_dataset))
+    RetrieverDataset.check(eval_examples, opt.n_context, opt.eval_data)
+    logger.info("%d training questions, %d dev questions", len(train_examples), len(eval_examples))
     if "n_context" not in options.given and (warning := unread_ctxs(train_examples, opt.n_context, opt.train_data)):
         logger.warning(warning)
 
@@ -58,6 +58,13 @@ def main(argv: list[str] | None = None) -> None:
     )
     logger.info("retriever weights from %s%s", model_dir, " (resuming)" if resume_dir else "")
     retriever, tokenizer = load_retriever(model_dir, config_from(EncoderChoice, opt, given=set(options.given)), logger)
+    if opt.query_side_retriever_training and retriever.freeze_passage_side():
+        logger.info("query-side training: passages are embedded by a frozen copy of the retriever as it starts")
+    elif retriever.config.frozen_passage_side:
+        logger.info("query-side training: passages by the retriever's frozen passage side (saved with it)")
+    # The text recipe (templates, max lengths) is the model's, saved with it.
+    train_dataset = RetrieverDataset(train_examples, opt.n_context, source=opt.train_data, texts=retriever.text_recipe)
+    eval_dataset = RetrieverDataset(eval_examples, opt.n_context, source=opt.eval_data, texts=retriever.text_recipe)
     set_dropout(retriever, opt.dropout)
     retriever = retriever.to(runtime.device)
     logger.info("retriever: %.1fM parameters on %s", count_params(retriever) / 1e6, runtime.device)

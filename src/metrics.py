@@ -125,14 +125,40 @@ def question_hits(answers: list[str], texts: list[str]) -> list[bool]:
     return [has_answer(answers, text) for text in texts]
 
 
+def mrr_at_k(hits_per_question: list[list[bool]], ks) -> dict[int, float]:
+    """MRR@k: mean over questions of 1 / (rank of the first answer-bearing passage), 0 when
+    none is in the top k (ranks from 1). No questions: 0.0."""
+    out = {}
+    for k in ks:
+        total = 0.0
+        for hits in hits_per_question:
+            first = next((r for r, hit in enumerate(hits[:k]) if hit), None)
+            total += 0.0 if first is None else 1.0 / (first + 1)
+        out[k] = total / len(hits_per_question) if hits_per_question else 0.0
+    return out
+
+
+def recall_at_k(hits_per_question: list[list[bool]], ks) -> tuple[dict[int, float], int]:
+    """(recall@k, questions counted): share of a question's answer-bearing passages (hasanswer,
+    among all it retrieved) that are in its top k, averaged over the questions with at least
+    one (for the others recall is undefined: they are left out, and counted apart)."""
+    counted = [hits for hits in hits_per_question if any(hits)]
+    if not counted:
+        return dict.fromkeys(ks, 0.0), 0
+    return {k: sum(sum(h[:k]) / sum(h) for h in counted) / len(counted) for k in ks}, len(counted)
+
+
 class TopKAccuracy:
-    """`top_k_accuracy` of questions added a batch at a time (a stream of any length): keeps
-    one first-hit rank per question, counted, never the hits or the texts."""
+    """`top_k_accuracy`, `mrr_at_k` and `recall_at_k` of questions added a batch at a time (a
+    stream of any length): keeps one first-hit rank per question, counted, and the running
+    sums of recall per rank, never the hits or the texts."""
 
     def __init__(self) -> None:
         self.questions = 0
         self.longest = 0  # the longest ranking seen
         self.found_at: list[int] = []  # found_at[r]: questions whose first hit is at rank r (0-based)
+        self.with_hits = 0  # questions with an answer-bearing passage: recall's denominator
+        self.recall_gain: list[float] = []  # recall_gain[r]: Σ over questions of (hit at r) / its hits
 
     def add(self, hits_per_question: list[list[bool]]) -> None:
         for hits in hits_per_question:
@@ -142,6 +168,23 @@ class TopKAccuracy:
             if first is not None:
                 self.found_at += [0] * (first + 1 - len(self.found_at))
                 self.found_at[first] += 1
+                self.with_hits += 1
+                n_hits = sum(hits)
+                self.recall_gain += [0.0] * (len(hits) - len(self.recall_gain))
+                for r, hit in enumerate(hits):
+                    if hit:
+                        self.recall_gain[r] += 1.0 / n_hits
+
+    def mrr(self, ks) -> dict[int, float]:
+        """What mrr_at_k gives for every question added so far."""
+        reciprocal = [n / (r + 1) for r, n in enumerate(self.found_at)]
+        return {k: sum(reciprocal[:k]) / self.questions if self.questions else 0.0 for k in ks}
+
+    def recall(self, ks) -> tuple[dict[int, float], int]:
+        """What recall_at_k gives for every question added so far."""
+        if not self.with_hits:
+            return dict.fromkeys(ks, 0.0), 0
+        return {k: sum(self.recall_gain[:k]) / self.with_hits for k in ks}, self.with_hits
 
     def accuracy(self) -> list[float]:
         """What top_k_accuracy gives for every question added so far, to the last bit."""

@@ -144,9 +144,31 @@ class Options:
         g.add_argument("--passage_maxlength", type=positive_int, default=200, help="max passage tokens")
         g.add_argument("--no_question_mask", action="store_true", help="mean-pool questions over padding too")
         g.add_argument("--no_passage_mask", action="store_true", help="mean-pool passages over padding too")
-        g.add_argument("--extract_cls", action="store_true", help="pool with the first token instead of the mean")
-        g.add_argument("--no_title", action="store_true", help="leave passage titles out of the input")
+        g.add_argument(
+            "--extract_cls", action="store_true", help="pool with the first token (--pooling cls, the original's flag)"
+        )
+        g.add_argument(
+            "--no_title",
+            action="store_true",
+            help="leave passage titles out of the input: the paper's passage template without its title part "
+            "('context: {text}'); a --passage_template of your own then has no {title}",
+        )
+        _add_recipe(g)
         g.add_argument("--n_context", type=positive_int, default=1, help="passages per question")
+        g.add_argument(
+            "--grad_cache_chunk_size",
+            type=positive_int,
+            default=None,
+            help="GradCache: embed questions and passages this many at a time without activations, compute the "
+            "loss on the embeddings, then replay each chunk with its embeddings' gradient: the same gradients at "
+            "the activation memory of one chunk, so much larger batches (README 'GradCache')",
+        )
+        g.add_argument(
+            "--query_side_retriever_training",
+            action="store_true",
+            help="train the question side only (Atlas): passages are embedded by a frozen copy of the starting "
+            "encoder, saved with the model, so an index built before training stays valid",
+        )
         g.add_argument("--temperature_gold", type=float, default=1.0, help="softmax temperature of gold scores")
         g.add_argument("--temperature_score", type=float, default=1.0, help="softmax temperature of predictions")
         g.add_argument(
@@ -241,9 +263,10 @@ class Options:
             help="dtype of the stored embeddings: float16 halves the shards on disk and in memory (values must "
             "stay within +-65504); the index converts them to float32 batch by batch",
         )
-        g.add_argument("--passage_maxlength", type=positive_int, default=200, help="max passage tokens")
+        g.add_argument("--passage_maxlength", type=positive_int, default=200, help=MODEL_SAYS + "max passage tokens")
         self._add_corpus_precision(g)
-        g.add_argument("--no_title", action="store_true", help="leave passage titles out of the input")
+        g.add_argument("--no_title", action="store_true", help=MODEL_SAYS + "leave passage titles out of the input")
+        _add_recipe(self.parser.add_argument_group(RECIPE_CHECK), add_extract_cls=True)
 
     def add_retrieval_options(self) -> None:
         """passage_retrieval.py"""
@@ -257,7 +280,8 @@ class Options:
         g.add_argument("--save_or_load_index", action="store_true", help="save the index, or load a saved one")
         self._add_corpus_precision(g)
         g.add_argument("--passage_maxlength", type=positive_int, default=200, help="max passage tokens")
-        g.add_argument("--question_maxlength", type=positive_int, default=40, help="max question tokens")
+        g.add_argument("--question_maxlength", type=positive_int, default=40, help=MODEL_SAYS + "max question tokens")
+        _add_recipe(self.parser.add_argument_group(RECIPE_CHECK), add_extract_cls=True)
         g.add_argument("--indexing_batch_size", type=positive_int, default=50000, help="vectors added to FAISS at once")
         g.add_argument(
             "--n-subquantizers",
@@ -350,6 +374,48 @@ class Options:
                 self.parser.error(f"--no_fp16 means --precision fp32; it contradicts --precision {opt.precision}")
             opt.precision = "fp32"
         return opt
+
+
+MODEL_SAYS = "a retriever saved with its recipe keeps its own value (a warning if this differs); "
+RECIPE_CHECK = (
+    "retriever recipe (read from the model: nothing to repeat; a flag given here that contradicts the model stops)"
+)
+
+
+def _add_recipe(group, add_extract_cls: bool = False) -> None:
+    """The retriever's text recipe, saved in its config (src/retriever/model.py): set when
+    train_retriever.py builds a retriever; in the corpus scripts only checked against the model
+    (they add --extract_cls, which the retriever group has already)."""
+    if add_extract_cls:
+        group.add_argument("--extract_cls", action="store_true", help="the original's spelling of --pooling cls")
+    group.add_argument(
+        "--pooling",
+        choices=["mean", "cls"],
+        default=None,
+        help="token states -> one vector: mean over the tokens (the paper, Contriever, E5) or the first token "
+        "(cls: BGE; --extract_cls is the original's spelling). Default: mean, or cls with --extract_cls",
+    )
+    group.add_argument(
+        "--normalize", action="store_true", help="unit-length embeddings: the inner product is cosine similarity"
+    )
+    group.add_argument(
+        "--similarity_scale",
+        type=float,
+        default=None,
+        help="score = scale x <e_q, e_p> (default: the paper's 1/sqrt(dim)); with --normalize, the inverse "
+        "temperature of the cosine (e.g. 20 = temperature 0.05)",
+    )
+    group.add_argument(
+        "--question_template",
+        default="question: {question}",
+        help="how a question reads to the retriever (field {question}); E5: 'query: {question}'",
+    )
+    group.add_argument(
+        "--passage_template",
+        default=None,
+        help="how a passage reads to the retriever (fields {title}, {text}); default the paper's "
+        "'title: {title} context: {text}' ('context: {text}' with --no_title); E5: 'passage: {title} {text}'",
+    )
 
 
 def options_dict(opt: argparse.Namespace) -> dict[str, Any]:

@@ -41,7 +41,10 @@ def retriever_dir(corpus):
     texts += [q["question"] for q in json.loads((corpus / "questions.json").read_text())]
     encoder = save_tiny_bert(corpus / "encoder", texts, seed=0)
     torch.manual_seed(0)
-    retriever = Retriever.from_encoder(str(encoder), indexing_dimension=16)
+    # The max lengths are the model's (its recipe): the scripts' flags below agree with them.
+    retriever = Retriever.from_encoder(
+        str(encoder), indexing_dimension=16, passage_maxlength=MAXLEN, question_maxlength=16
+    )
     path = corpus / "retriever"
     retriever.save_pretrained(path)
     from transformers import AutoTokenizer

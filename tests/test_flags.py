@@ -39,14 +39,17 @@ READER = {
 RETRIEVER = {
     "train_data", "eval_data", "indexing_dimension", "no_projection", "question_maxlength", "passage_maxlength",
     "no_question_mask", "no_passage_mask", "extract_cls", "no_title", "n_context", "temperature_gold",
-    "temperature_score", "in_batch_negatives", "retriever_loss",
+    "temperature_score", "in_batch_negatives", "retriever_loss", "pooling", "normalize", "similarity_scale",
+    "question_template", "passage_template", "grad_cache_chunk_size", "query_side_retriever_training",
 }  # fmt: skip
+# The retriever's recipe: read from the model by the corpus scripts, a flag given there is checked against it.
+RECIPE = {"extract_cls", "pooling", "normalize", "similarity_scale", "question_template", "passage_template"}
 OPTIM = {
     "warmup_steps", "total_steps", "scheduler_steps", "accumulation_steps", "dropout", "lr", "clip", "optim",
     "scheduler", "weight_decay", "fixed_lr",
 }  # fmt: skip
 EVAL = {"write_results", "write_crossattention_scores", "score_kind"}
-CORPUS_COMMON = {"model_path", "tokenizer_name_or_path", "per_gpu_batch_size", "precision", "device"}
+CORPUS_COMMON = {"model_path", "tokenizer_name_or_path", "per_gpu_batch_size", "precision", "device"} | RECIPE
 USED = {
     train_reader: COMMON | READER | OPTIM,
     test_reader: COMMON - {"eval_freq", "save_freq", "seed"}

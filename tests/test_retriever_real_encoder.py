@@ -82,3 +82,23 @@ def test_minilm_retriever_ranks_the_right_passage_first():
     with torch.no_grad():
         forward_scores, _ = retriever(questions["input_ids"], questions["attention_mask"], p_ids, p_mask)
     assert torch.allclose(forward_scores, scores, atol=1e-4)
+
+
+def test_minilm_mean_pooling_and_normalize_equal_plain_transformers():
+    """The recipe of sentence-transformers' all-MiniLM-L6-v2 (mean pooling, unit vectors)
+    gives its embeddings, computed here with plain transformers."""
+    from transformers import AutoModel
+
+    model_dir = str(minilm.MODEL_DIR)
+    retriever = Retriever.from_encoder(model_dir, projection=False, pooling="mean", normalize=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    texts = [text for _, text in PASSAGES[:6]] + ["a short one"]  # different lengths: padding in the batch
+    enc = tokenizer(texts, padding=True, truncation=True, max_length=128, return_tensors="pt")
+    plain = AutoModel.from_pretrained(model_dir).eval()
+    with torch.no_grad():
+        states = plain(**enc).last_hidden_state  # (7, L, 384), token_type_ids included
+        mask = enc["attention_mask"].unsqueeze(-1).float()
+        reference = torch.nn.functional.normalize((states * mask).sum(1) / mask.sum(1), dim=-1)
+        ours = retriever.embed_passages(enc["input_ids"], enc["attention_mask"])
+    assert torch.allclose(ours, reference, atol=1e-5), (ours - reference).abs().max()
+    assert torch.allclose(ours.norm(dim=-1), torch.ones(len(texts)), atol=1e-5)

@@ -479,3 +479,18 @@ def test_compare_signals_quick(tmp_path):
         assert rows[signal]["topk"]["20"] > rows["(before distillation)"]["topk"]["20"] + 0.1
     md = (run_dir / "compare.md").read_text()
     assert "| xattn | kl |" in md and "| answer_logprob | emdr |" in md
+
+
+def test_variants_report_puts_both_loops_side_by_side(tmp_path):
+    ranking = ({1: 0.5, 5: 0.6, 20: 0.7}, {1: 0.1, 5: 0.2, 20: 0.3})
+    topk = {1: 0.5, 5: 0.5, 20: 0.5}
+    full = [report.round_result(r, "x", (0.5,) * 3, (0.5, 0.5), (topk,) * 3, ranking) for r in (1, 2)]
+    qs = [report.round_result(r, "y", (0.25,) * 3, (0.5, 0.5), (topk,) * 3, ranking) for r in (1, 2)]
+    timings = {"round1_retrieval_embed": 3.0, "round2_retrieval_embed": 4.0, "query_side_round1_reader": 9.0}
+    md = report.write_variants_report(tmp_path, full, qs, "BM25", timings)
+    lines = md.splitlines()
+    assert lines[2] == "| | re-embedded, round 1 | re-embedded, round 2 | query-side, round 1 | query-side, round 2 |"
+    assert "| reader EM, test | 0.500 | 0.500 | 0.250 | 0.250 |" in lines
+    assert "| test MRR@5: distilled retriever | 0.600 | 0.600 | 0.600 | 0.600 |" in lines
+    assert "re-embedded 7.0s, query-side 0.0s" in md
+    assert json.loads((tmp_path / "report_query_side.json").read_text()) == qs

@@ -406,6 +406,15 @@ class AnswerHits:
             return
         shown = sorted({k for k in REPORTED_K if k <= len(accuracy)} | {len(accuracy)})
         logger.info("top-k accuracy: " + ", ".join(f"top-{k} {100 * accuracy[k - 1]:.2f}%" for k in shown))
+        mrr = self.topk.mrr(shown)
+        recall, with_hits = self.topk.recall(shown)
+        logger.info("MRR@k: " + ", ".join(f"MRR@{k} {mrr[k]:.4f}" for k in shown))
+        logger.info(
+            "recall@k (share of the answer-bearing passages retrieved that are in the top k; %d questions with "
+            "one): %s",
+            with_hits,
+            ", ".join(f"recall@{k} {100 * recall[k]:.2f}%" for k in shown),
+        )
         every_k = "top-k accuracy for every k: " + " ".join(f"{k}:{a:.4f}" for k, a in enumerate(accuracy, 1))
         logging.getLogger("fid.topk").info(every_k)
 

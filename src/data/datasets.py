@@ -10,6 +10,7 @@ import logging
 import math
 import random
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -22,13 +23,29 @@ logger = logging.getLogger("fid")
 
 
 def format_question(question: str) -> str:
-    """Question text as the reader and the retriever see it (also at retrieval time)."""
+    """Question text as the reader sees it (and the retriever with the paper's recipe)."""
     return f"question: {question}"
 
 
 def format_passage(title: str, text: str, no_title: bool = False) -> str:
-    """Passage text as the reader and the retriever see it."""
+    """Passage text as the reader sees it (and the retriever with the paper's recipe)."""
     return f"context: {text}" if no_title else f"title: {title} context: {text}"
+
+
+@dataclass(frozen=True)
+class TextRecipe:
+    """How a retriever reads questions and passages: str.format templates with the fields
+    {question}; {title}, {text} (saved in its config, src/retriever/model.py). Small and
+    picklable: it travels to DataLoader workers instead of the model."""
+
+    question_template: str = "question: {question}"
+    passage_template: str = "title: {title} context: {text}"
+
+    def format_question(self, question: str) -> str:
+        return self.question_template.format(question=question)
+
+    def format_passage(self, title: str, text: str) -> str:
+        return self.passage_template.format(title=title, text=text)
 
 
 # ---------------------------------------------------------------------------
@@ -181,12 +198,28 @@ class ReaderCollator:
 
 
 class RetrieverDataset(torch.utils.data.Dataset):
-    """Question, its first `n_context` passages and their gold scores (the reader's)."""
+    """Question, its first `n_context` passages and their gold scores (the reader's).
 
-    def __init__(self, examples: Sequence[dict], n_context: int, no_title: bool = False, source: str = "data"):
+    `texts`: the retriever's TextRecipe (`Retriever.text_recipe`); None: the paper's
+    (`format_question`, `format_passage` with `no_title`)."""
+
+    def __init__(
+        self,
+        examples: Sequence[dict],
+        n_context: int,
+        no_title: bool = False,
+        source: str = "data",
+        texts: TextRecipe | None = None,
+    ):
         self.examples = examples
         self.n_context = n_context
         self.no_title = no_title
+        self.texts = texts
+        self.check(examples, n_context, source)
+
+    @staticmethod
+    def check(examples: Sequence[dict], n_context: int, source: str = "data") -> None:
+        """DataError for an example without ctxs or an unscored ctx among its first n_context."""
         known = facts(examples)  # from the index of a QuestionFile: nothing read here
         unscored = known.first_unscored < np.minimum(known.n_ctxs, n_context)
         bad = np.flatnonzero((known.n_ctxs == 0) | unscored)
@@ -206,12 +239,13 @@ class RetrieverDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         ex = self.examples[index]
         ctxs = read_ctxs(ex, self.n_context)
-        return {
-            "index": index,
-            "question": format_question(ex["question"]),
-            "passages": [format_passage(c.get("title", ""), c["text"], self.no_title) for c in ctxs],
-            "scores": [float(c["score"]) for c in ctxs],
-        }
+        if self.texts is None:
+            question = format_question(ex["question"])
+            passages = [format_passage(c.get("title", ""), c["text"], self.no_title) for c in ctxs]
+        else:
+            question = self.texts.format_question(ex["question"])
+            passages = [self.texts.format_passage(c.get("title", ""), c["text"]) for c in ctxs]
+        return {"index": index, "question": question, "passages": passages, "scores": [float(c["score"]) for c in ctxs]}
 
 
 class RetrieverBatch(NamedTuple):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from src.data.questions import read_ctxs
 from src.files import atomic_write
-from src.metrics import has_answer, mean_em, retrieval_hits, top_k_accuracy_at
+from src.metrics import has_answer, mean_em, mrr_at_k, recall_at_k, retrieval_hits, top_k_accuracy_at
 
 KS = (1, 5, 20)
 
@@ -65,18 +65,28 @@ def ctxs_topk(questions: list[dict], ks=KS) -> dict[int, float]:
     return top_k_accuracy_at(retrieval_hits([q["answers"] for q in counted], texts), ks)
 
 
+def ctxs_mrr_recall(questions: list[dict], ks=KS) -> tuple[dict[int, float], dict[int, float]]:
+    """(MRR@k, recall@k) of each question's ctxs in ranking order against the answer-bearing
+    ones (metrics.mrr_at_k, recall_at_k); questions without answers are left out."""
+    counted = [q for q in questions if q.get("answers")]
+    texts = [[c["text"] for c in q.get("ctxs") or []] for q in counted]
+    hits = retrieval_hits([q["answers"] for q in counted], texts)
+    return mrr_at_k(hits, ks), recall_at_k(hits, ks)[0]
+
+
 def round_result(
     r: int,
     reader_ctxs: str,
     reader_em: tuple[float, float, float],
     xattn: tuple[float, float],
     topk: tuple[dict[int, float], dict[int, float], dict[int, float]],
+    ranking: tuple[dict[int, float], dict[int, float]] | None = None,
 ) -> dict:
     """One round's entry of report.json (and column of the table).
 
     reader_em: (dev, test, the untrained starting reader on test); xattn: `xattn_top1`'s
     pair; topk: `ctxs_topk` of (the first stage, the retriever before distillation, the
-    distilled retriever), on test."""
+    distilled retriever), on test; ranking: `ctxs_mrr_recall` of the distilled retriever."""
     dev_em, test_em, init_em = reader_em
     first_stage, retriever_init, retriever = topk
     return {
@@ -89,6 +99,8 @@ def round_result(
         **{f"first_stage_top{k}": first_stage[k] for k in KS},
         **{f"retriever_init_top{k}": retriever_init[k] for k in KS},
         **{f"retriever_top{k}": retriever[k] for k in KS},
+        **({f"retriever_mrr{k}": ranking[0][k] for k in KS} if ranking else {}),
+        **({f"retriever_recall{k}": ranking[1][k] for k in KS} if ranking else {}),
         "reader_ctxs": reader_ctxs,
     }
 
@@ -118,6 +130,12 @@ def table(rounds: list[dict], first_stage: str = "first stage") -> str:
             ("  baseline: the same retriever before distillation", f"retriever_init_top{k}"),
             (f"  reference: {first_stage}", f"first_stage_top{k}"),
         ]
+    for k in KS:
+        rows += [
+            (f"test MRR@{k}: distilled retriever", f"retriever_mrr{k}"),
+            (f"test recall@{k} of the answer-bearing passages: distilled retriever", f"retriever_recall{k}"),
+        ]
+    rows = [(label, key) for label, key in rows if key is None or all(key in r for r in rounds)]
     out = "| | " + " | ".join(f"round {r['round']}" for r in rounds) + " |\n"
     out += "|---|" + "---|" * len(rounds) + "\n"
     for label, key in rows:
@@ -154,6 +172,39 @@ def write_report(
         f"loss: {opt.retriever_loss} over each question's passages{' + in-batch negatives' if opt.in_batch_negatives else ''}.\n\n"
         f"Wall time {wall / 60:.1f} min, largest step peak RSS {peak_mb:.0f} MB, {os.cpu_count()} CPUs visible.\n"
         f"Commands: `commands.log`; tensorboard: `tensorboard --logdir {run_dir}`.\n"
+    )
+    with atomic_write(run_dir / "report.md") as f:
+        f.write(md)
+    return md
+
+
+def write_variants_report(
+    run_dir: Path, full: list[dict], query_side: list[dict], first_stage: str, timings: dict[str, float]
+) -> str:
+    """report.md (and report_query_side.json beside report.json) of `run_loop.py --query_side
+    both`: the loop re-embedding the corpus each round beside query-side training over the
+    starting retriever's index, one column per (variant, round)."""
+    with atomic_write(run_dir / "report_query_side.json") as f:
+        json.dump(query_side, f, indent=1)
+    full_table = table(full, first_stage).splitlines()
+    qs_table = table(query_side, first_stage).splitlines()
+    header = "| | " + " | ".join(
+        [f"re-embedded, round {r['round']}" for r in full] + [f"query-side, round {r['round']}" for r in query_side]
+    )
+    lines = [header + " |", "|---|" + "---|" * (len(full) + len(query_side))]
+    for a, b in zip(full_table[2:], qs_table[2:]):
+        lines.append(a + b.split("|", 2)[2])  # b's cells after its label
+    embed = {
+        name: sum(v for k, v in timings.items() if k.endswith("_embed") and k.startswith(prefix))
+        for name, prefix in (("re-embedded", "round"), ("query-side", "query_side"))
+    }
+    md = (
+        "# FiD loop: re-embedding the corpus each round vs query-side training\n\n" + "\n".join(lines) + "\n\n"
+        "Re-embedded: the whole retriever trains and the corpus is embedded again each round. Query-side\n"
+        "(`train_retriever.py --query_side_retriever_training`, Atlas): only the question side trains; the\n"
+        "passages keep the starting retriever's embeddings, so the index built before the loop serves every\n"
+        f"round. Corpus embedding time in the rounds: re-embedded {embed['re-embedded']:.1f}s, query-side "
+        f"{embed['query-side']:.1f}s.\n"
     )
     with atomic_write(run_dir / "report.md") as f:
         f.write(md)

@@ -19,8 +19,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from src.data.questions import load_questions, read_ctxs, write_questions
+from src.retriever.model import passage_template_for
 from src.toy import world as toy
-from src.toy.report import ctxs_topk, reader_em, round_result, table, write_report, xattn_top1
+from src.toy.report import (
+    ctxs_mrr_recall,
+    ctxs_topk,
+    reader_em,
+    round_result,
+    table,
+    write_report,
+    write_variants_report,
+    xattn_top1,
+)
 
 SCRIPTS = Path(__file__).resolve().parents[2]  # the repository root: the scripts and `src`
 TOY_SPLITS = {"train_data": "train", "eval_data": "dev", "test_data": "test"}  # flag: the toy world's split
@@ -132,7 +142,7 @@ def test_reader(run: Runner, opt, name: str, model: Path, data: Path, maxload: i
     return run.run_dir / name
 
 
-def train_retriever(run: Runner, opt, name: str, start: str, train: Path, dev: Path) -> Path:
+def train_retriever(run: Runner, opt, name: str, start: str, train: Path, dev: Path, query_side: bool = False) -> Path:
     args = [
         "--train_data", str(train), "--eval_data", str(dev), "--model_name_or_path", start,
         "--checkpoint_dir", str(run.run_dir), "--name", name, "--n_context", str(opt.retriever_n_context),
@@ -144,6 +154,8 @@ def train_retriever(run: Runner, opt, name: str, start: str, train: Path, dev: P
         "--save_freq", str(opt.retriever_steps), "--eval_print_freq", "100000", "--seed", str(opt.seed),
         "--precision", opt.precision, "--retriever_loss", opt.retriever_loss,
     ] + (["--in_batch_negatives"] if opt.in_batch_negatives else []) + passage_flags(opt)  # fmt: skip
+    if query_side:  # the passage side stays the starting retriever's: its index stays valid
+        args.append("--query_side_retriever_training")
     run(name, "train_retriever.py", args)
     return run.run_dir / name / "checkpoint" / "best_dev"
 
@@ -163,13 +175,15 @@ def embed_corpus(run: Runner, opt, label: str, model: str, passages: Path, prefi
 
 
 def embed_and_retrieve(
-    run: Runner, opt, label: str, model: str, passages: Path, splits: dict[str, Path]
+    run: Runner, opt, label: str, model: str, passages: Path, splits: dict[str, Path], index: Path | None = None
 ) -> dict[str, Path]:
-    """Embed the corpus and retrieve for every split: {split: retrieved question file}."""
+    """Embed the corpus (unless `index`: the prefix of shards embedded before, still valid
+    after query-side training) and retrieve for every split: {split: retrieved question file}."""
     out = run.run_dir / label
-    prefix = out / "embeddings" / "passages"
-    prefix.parent.mkdir(parents=True, exist_ok=True)
-    embed_corpus(run, opt, label, model, passages, prefix)
+    prefix = index or out / "embeddings" / "passages"
+    if index is None:
+        prefix.parent.mkdir(parents=True, exist_ok=True)
+        embed_corpus(run, opt, label, model, passages, prefix)
     retrieved = {}
     for split, data in splits.items():
         retrieved[split] = out / "retrieved" / f"{split}.json"
@@ -212,12 +226,17 @@ def make_toy(opt, run_dir: Path) -> argparse.Namespace:
     for name, questions in (("train", world.train), ("dev", world.dev), ("test", world.test)):
         write_questions(data / f"{name}.json", questions)
     models = run_dir / "models"
+    recipe = {  # the recipe the loop's flags give (the scripts read it from the model)
+        "passage_template": passage_template_for(None, opt.no_title),
+        "question_maxlength": opt.question_maxlength,
+        "passage_maxlength": opt.passage_maxlength,
+    }
     toy_inputs = {
         **{flag: str(data / f"{split}.json") for flag, split in TOY_SPLITS.items()},
         "passages": str(data / "psgs_w100.tsv"),
         "reader_model": str(toy.build_reader(models / "reader_start", world, seed=opt.seed)),
         "retriever_model": str(
-            toy.build_retriever(models / "retriever_start", world, dim=opt.indexing_dimension, seed=opt.seed)
+            toy.build_retriever(models / "retriever_start", world, dim=opt.indexing_dimension, seed=opt.seed, **recipe)
         ),
     }
     print(
@@ -234,10 +253,20 @@ def make_toy(opt, run_dir: Path) -> argparse.Namespace:
 
 
 def run_round(
-    run: Runner, opt, tag: str, splits: dict[str, Path], reader: str, fresh: bool, retriever: str, passages: Path
+    run: Runner,
+    opt,
+    tag: str,
+    splits: dict[str, Path],
+    reader: str,
+    fresh: bool,
+    retriever: str,
+    passages: Path,
+    index: Path | None = None,
 ) -> tuple[Path, dict[str, Path], Path, dict[str, Path]]:
     """One round's steps from the reader and retriever `reader`, `retriever` on `splits`:
-    (its reader, {split: scoring run dir}, its retriever, {split: retrieved file})."""
+    (its reader, {split: scoring run dir}, its retriever, {split: retrieved file}). With
+    `index` (query-side training) the retriever trains its question side only and searches
+    the shards at `index`, embedded before the loop, instead of re-embedding the corpus."""
     reader = train_reader(run, opt, f"{tag}/reader", reader, fresh, splits["train"], splits["dev"])
     scored = {
         split: test_reader(
@@ -247,9 +276,9 @@ def run_round(
     }
     retriever = train_retriever(
         run, opt, f"{tag}/retriever", retriever,
-        scored["train"] / "dataset_wscores.json", scored["dev"] / "dataset_wscores.json",
+        scored["train"] / "dataset_wscores.json", scored["dev"] / "dataset_wscores.json", query_side=index is not None,
     )  # fmt: skip
-    retrieved = embed_and_retrieve(run, opt, f"{tag}/retrieval", str(retriever), passages, splits)
+    retrieved = embed_and_retrieve(run, opt, f"{tag}/retrieval", str(retriever), passages, splits, index)
     return reader, scored, retriever, retrieved
 
 
@@ -304,31 +333,47 @@ def prepare(opt) -> Setup:
     )
 
 
-def run_loop(opt, setup: Setup | None = None) -> Path:
-    """Run the rounds that run_loop.py's options describe; returns the run directory."""
-    setup = setup or prepare(opt)
-    opt = setup.opt
+def loop_rounds(opt, setup: Setup, query_side: bool = False, prefix: str = "") -> list[dict]:
+    """The rounds of one variant: re-embedding the corpus each round, or (`query_side`)
+    training the question side only and searching the index of the starting retriever."""
     run, passages, splits, n = setup.run, setup.passages, setup.splits, opt.n_context
+    index = run.run_dir / "retriever_init" / "embeddings" / "passages" if query_side else None
     rounds: list[dict] = []
     reader, fresh, retriever = opt.reader_model, True, opt.retriever_model
     for r in range(1, opt.rounds + 1):
-        print(f"\n===== round {r} =====", flush=True)
+        print(f"\n===== {prefix}round {r} =====", flush=True)
         reader, scored, retriever, retrieved = run_round(
-            run, opt, f"round{r}", splits, reader, fresh, retriever, passages
+            run, opt, f"{prefix}round{r}", splits, reader, fresh, retriever, passages, index
         )
         em = (
             reader_em(scored["dev"], load_questions(splits["dev"])),
             reader_em(scored["test"], setup.test_questions),
         )
         xattn = xattn_top1(load_questions(scored["test"] / "dataset_wscores.json"), n, opt.seed)
-        topk = (setup.first_stage, setup.retriever_init, ctxs_topk(load_questions(retrieved["test"], rank=True)))
+        test_retrieved = load_questions(retrieved["test"], rank=True)
+        topk = (setup.first_stage, setup.retriever_init, ctxs_topk(test_retrieved))
         reader_ctxs = setup.first_stage_name if r == 1 else f"round {r - 1}'s distilled retriever"
-        rounds.append(round_result(r, reader_ctxs, (*em, setup.reader_init_em), xattn, topk))
-        print(f"\n===== round {r} results =====\n" + table(rounds, setup.first_stage_name), flush=True)
+        rounds.append(
+            round_result(r, reader_ctxs, (*em, setup.reader_init_em), xattn, topk, ctxs_mrr_recall(test_retrieved))
+        )
+        print(f"\n===== {prefix}round {r} results =====\n" + table(rounds, setup.first_stage_name), flush=True)
         splits = {s: top_ctxs(p, p.with_suffix(f".top{n}.json"), n) for s, p in retrieved.items()}
         reader, fresh, retriever = str(reader), False, str(retriever)
+    return rounds
 
-    md = write_report(run.run_dir, opt, rounds, setup.first_stage_name, run.timings, time.time() - setup.started)
+
+def run_loop(opt, setup: Setup | None = None) -> Path:
+    """Run the rounds that run_loop.py's options describe; returns the run directory.
+    `--query_side both`: the two variants from the same setup, side by side in report.md."""
+    setup = setup or prepare(opt)
+    opt, run = setup.opt, setup.run
+    variants = {"off": [False], "on": [True], "both": [False, True]}[opt.query_side or "off"]
+    results = {qs: loop_rounds(opt, setup, qs, "query_side/" if qs and len(variants) > 1 else "") for qs in variants}
+    rounds = results[variants[-1]] if len(variants) == 1 else results[False]
+    wall = time.time() - setup.started
+    md = write_report(run.run_dir, opt, rounds, setup.first_stage_name, run.timings, wall)
+    if len(variants) > 1:
+        md = write_variants_report(run.run_dir, results[False], results[True], setup.first_stage_name, run.timings)
     print(f"\n{md}\nrun directory (report.md, report.json):", flush=True)
     print(run.run_dir, flush=True)
     return run.run_dir

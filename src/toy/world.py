@@ -294,16 +294,24 @@ def build_reader(
 
 
 def build_retriever(
-    path: str | Path, world: ToyWorld, hidden: int = 64, layers: int = 2, heads: int = 4, dim: int = 64, seed: int = 0
+    path: str | Path,
+    world: ToyWorld,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    dim: int = 64,
+    seed: int = 0,
+    **recipe,
 ) -> Path:
     """Tokenizer + tiny random BERT wrapped as a `Retriever` (projection to `dim`, mean
-    pooling), saved as one directory: the retriever's random start, which is both what
-    distillation starts from and the "before distillation" baseline of the report."""
+    pooling, the text `recipe`: RetrieverConfig fields), saved as one directory: the
+    retriever's random start, which is both what distillation starts from and the "before
+    distillation" baseline of the report."""
     path = Path(path)
     with tempfile.TemporaryDirectory() as tmp:
         save_tiny_bert(tmp, world.texts(), seed=seed, hidden=hidden, layers=layers, heads=heads)
         torch.manual_seed(seed)
-        retriever = Retriever.from_encoder(tmp, indexing_dimension=dim)
+        retriever = Retriever.from_encoder(tmp, indexing_dimension=dim, **recipe)
         retriever.save_pretrained(path)
         AutoTokenizer.from_pretrained(tmp).save_pretrained(path)
     return path

@@ -69,6 +69,11 @@ class Task:
     metric: str  # the dev metric that picks best_dev
     higher_is_better: bool
     count_passages: Callable[[Any], int] | None = None  # passages read in a collated batch (throughput logs)
+    # Optional: a task that runs its own backward pass (e.g. GradCache) instead of `loss` +
+    # backward. backward(model, batch, scale) backpropagates scale(loss) (the accumulation
+    # and loss scaling of the loop) itself and returns the loss, detached. Called inside the
+    # strategy's `accumulating` context, without autocast (the task applies its precision).
+    backward: Callable[[torch.nn.Module, Any, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor] | None = None
 
 
 def _interrupted(runtime: Runtime) -> bool:
@@ -199,9 +204,12 @@ class Trainer:
         self.step += 1
         sync = self.step % self.accumulation == 0 or self.step == cfg.total_steps
         with self.strategy.accumulating(model, sync):
-            with precision_autocast(cfg.precision, self.runtime.device):
-                loss = self.task.loss(model, batch)
-            self.scaler.scale(loss / self.accumulation).backward()
+            if self.task.backward is not None:
+                loss = self.task.backward(model, batch, lambda x: self.scaler.scale(x / self.accumulation))
+            else:
+                with precision_autocast(cfg.precision, self.runtime.device):
+                    loss = self.task.loss(model, batch)
+                self.scaler.scale(loss / self.accumulation).backward()
         if sync:
             self.scaler.unscale_(self.optimizer)
             if cfg.clip > 0:
