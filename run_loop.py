@@ -31,12 +31,13 @@ prints its path on the last line. Tensorboard: `tensorboard --logdir <run dir>`.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
+from src.options import config_from
 from src.reader.scores import SCORE_KINDS
 from src.retriever.losses import LOSSES
 from src.toy.compare import DEFAULT_SIGNALS, run_comparison
+from src.toy.config import LoopConfig, derive
 from src.toy.runner import run_loop
 
 ROOT = Path(__file__).resolve().parent
@@ -139,47 +140,27 @@ def add_step_options(p: argparse.ArgumentParser) -> None:
 
 
 def get_options(argv: list[str] | None = None) -> argparse.Namespace:
-    """The parsed flags, with the sizes and defaults that depend on toy world vs real data filled in."""
+    """The parsed flags, as the user gave them (a mix of data flags is refused)."""
     p = build_parser()
     opt = p.parse_args(argv)
-
     data = [opt.train_data, opt.eval_data, opt.test_data, opt.passages]
-    opt.toy = all(x is None for x in data)
-    if not opt.toy and any(x is None for x in data):
+    if any(x is None for x in data) and not all(x is None for x in data):
         p.error("give all of --train_data --eval_data --test_data --passages, or none (toy world)")
-    if opt.no_title is None:
-        opt.no_title = opt.toy
-    if opt.in_batch_negatives is None:
-        opt.in_batch_negatives = opt.toy
-    if not opt.toy:
-        opt.reader_model = opt.reader_model or "t5-base"
-        opt.retriever_model = opt.retriever_model or "bert-base-uncased"
-    # Sizes: tiny for the toy world, the original's defaults for real data.
-    for name, toy_value, real_value in (
-        ("n_context", 10, 100),
-        ("text_maxlength", 32, 200),
-        ("indexing_dimension", 64, 768),
-        ("question_maxlength", 16, 40),
-        ("passage_maxlength", 32, 200),
-    ):
-        if getattr(opt, name) is None:
-            setattr(opt, name, toy_value if opt.toy else real_value)
-    if opt.quick:
-        opt.toy_entities = min(opt.toy_entities, 80)
-        opt.reader_steps, opt.reader_eval_freq = 40, 20
-        opt.retriever_steps = 300
-        opt.n_context = min(opt.n_context, 5)
-    opt.retriever_n_context = min(opt.retriever_n_context or opt.n_context, opt.n_context)
-    opt.n_docs = max(opt.n_docs or 0, 20, opt.n_context, opt.retriever_n_context)
-    if opt.output_dir is None:
-        opt.output_dir = str(ROOT / "runs" / time.strftime("loop-%Y%m%d-%H%M%S"))
     return opt
+
+
+def loop_config(argv: list[str] | None = None) -> LoopConfig:
+    """The loop's settings: the flags, with the sizes and defaults that depend on toy world vs
+    real data filled in (src/toy/config.py's derive)."""
+    opt = get_options(argv)
+    signals = None if opt.compare_signals is None else tuple(opt.compare_signals)
+    return derive(config_from(LoopConfig, opt, compare_signals=signals), ROOT)
 
 
 def main(argv: list[str] | None = None) -> Path:
     """Run the loop; returns the run directory."""
-    opt = get_options(argv)
-    return run_comparison(opt) if opt.compare_signals is not None else run_loop(opt)
+    config = loop_config(argv)
+    return run_comparison(config) if config.compare_signals is not None else run_loop(config)
 
 
 if __name__ == "__main__":
