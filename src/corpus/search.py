@@ -29,7 +29,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import faiss
@@ -38,7 +37,7 @@ from tqdm import tqdm
 
 from src import distributed as dist
 from src.corpus.embeddings import check_shard, read_shard
-from src.corpus.faiss_index import IDS_FILE, INDEX_FILE, META_FILE, Indexer
+from src.corpus.faiss_index import IDS_FILE, INDEX_FILE, META_FILE, IndexConfig, Indexer
 from src.corpus.passages import PassageStore
 from src.data.questions import iter_entries, validate_example
 from src.errors import DataError, EmbeddingFileError
@@ -72,11 +71,6 @@ def embedding_files(pattern: str, allow_pickle: bool = False) -> list[str]:
     return files
 
 
-def shards_signature(files: list[str]) -> list[list]:
-    """What the index was built from; a saved index is reused only if this is unchanged."""
-    return [[os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in files]
-
-
 def share_of(files: list[str], rank: int, world_size: int) -> list[str]:
     """Rank r's shard files: the r-th of W contiguous runs of `files`, as equal in number as
     can be (the first len(files) % W ranks take one more). Each process indexes whole files,
@@ -92,23 +86,21 @@ def share_of(files: list[str], rank: int, world_size: int) -> list[str]:
     return files[start : start + per + (rank < extra)]
 
 
-def index_directory(files: list[str], rank: int = 0, world_size: int = 1) -> Path:
-    """Where --save_or_load_index keeps a process's index: beside its shards in one process (as
-    before), in `index_rank{r}_of{W}/` there under torchrun, so that no save is taken for one
-    of another number of processes."""
-    base = Path(files[0]).parent
-    return base if world_size == 1 else base / f"index_rank{rank}_of{world_size}"
-
-
-def build_index(files: list[str], dim: int, opt, logger: logging.Logger) -> Indexer:
-    """Stream the shards into the index, `indexing_batch_size` vectors at a time."""
-    indexer = Indexer.from_options(dim, opt)
-    batch = opt.indexing_batch_size
+def build_index(
+    files: list[str],
+    dim: int,
+    config: IndexConfig,
+    logger: logging.Logger,
+    batch: int = 50000,
+    allow_pickle: bool = False,
+) -> Indexer:
+    """Stream the shards into the index, `batch` vectors (--indexing_batch_size) at a time."""
+    indexer = Indexer.from_config(dim, config)
     carry_ids, carry_emb = None, np.zeros((0, dim), np.float32)  # < batch vectors
     for path in tqdm(files, desc="indexing shards", unit="shard"):
         try:
             # compact: int64 ids and float16 stay as stored; index_data converts batch by batch
-            ids, emb = read_shard(path, allow_pickle=opt.allow_pickle_embeddings, compact=True)
+            ids, emb = read_shard(path, allow_pickle=allow_pickle, compact=True)
         except EmbeddingFileError as e:
             raise DataError(str(e)) from None
         if carry_ids is None:
