@@ -58,6 +58,25 @@ def count_or_all(text: str) -> int:
     return value
 
 
+def skip_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--skip_missing_passages",
+        action="store_true",
+        help="drop passage ids that are not in the passages file (counted in the log) instead of stopping",
+    )
+
+
+def n_docs_flag(p: argparse.ArgumentParser, default: int) -> None:
+    p.add_argument(
+        "--n_docs",
+        "--n-docs",
+        dest="n_docs",
+        type=count_or_all,
+        default=default,
+        help=f"keep the top N passages (default {default}; -1: all)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     formatter = argparse.RawDescriptionHelpFormatter
     parser = argparse.ArgumentParser(
@@ -67,23 +86,6 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=formatter,
     )
     modes = parser.add_subparsers(dest="mode", metavar="MODE")
-
-    def skip_flag(p):
-        p.add_argument(
-            "--skip_missing_passages",
-            action="store_true",
-            help="drop passage ids that are not in the passages file (counted in the log) instead of stopping",
-        )
-
-    def n_docs_flag(p, default):
-        p.add_argument(
-            "--n_docs",
-            "--n-docs",
-            dest="n_docs",
-            type=count_or_all,
-            default=default,
-            help=f"keep the top N passages (default {default}; -1: all)",
-        )
 
     fid = modes.add_parser(
         "fid",
@@ -122,6 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
     n_docs_flag(dpr, -1)
     skip_flag(dpr)
 
+    add_run_modes(modes, formatter)
+    return parser
+
+
+def add_run_modes(modes, formatter) -> None:
+    """The bm25 and questions modes."""
     bm25 = modes.add_parser(
         "bm25",
         help="a BM25/pyserini run + questions + passages -> ours",
@@ -157,7 +165,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     questions.add_argument("input", help="question file")
     questions.add_argument("output", help="question file to write (.json or .jsonl)")
-    return parser
 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:

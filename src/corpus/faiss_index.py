@@ -11,6 +11,9 @@ Training (pq, ivf, ivfpq, sq8): with `train_sample=S` the first S vectors handed
 added; a corpus smaller than S trains on all of it when the data ends (`finish`, which
 searching and saving call). Shards arrive in corpus order, so the sample is the start of
 the corpus. `train_sample=None` trains on the first batch alone (the behaviour before).
+FAISS's k-means writes a warning to stderr for every quantizer it trains on too few vectors
+(64 lines for a pq index over 768 dims); they are captured and said once, with the flags
+that give this kind of index enough (`IndexConfig`: the index flags, built once by the script).
 
 Ids: kept as one int64 array when every id is a canonical integer (`passages.compact_ids`:
 DPR's psgs_w100.tsv), else as a unicode array; search results convert only the k ids
