@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from src import distributed as dist
 from src.cli import cli, finish, init_logger, warn_ignored
+from src.configs import config_from
 from src.corpus.embeddings import (
     embed_texts,
     pools_over_padding,
@@ -35,7 +36,7 @@ from src.corpus.embeddings import (
 from src.corpus.passages import PassageStore
 from src.devices import default_device, resolve_precision
 from src.errors import DataError, PassageFileError
-from src.options import Options, config_from
+from src.options import Options
 from src.retriever.task import EncoderChoice, load_retriever
 
 # Shared option groups: accepted (the original's scripts shared them), unused here: no run

@@ -31,13 +31,14 @@ prints its path on the last line. Tensorboard: `tensorboard --logdir <run dir>`.
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
+from src.configs import config_from
 from src.options import HelpFormatter
 from src.reader.scores import SCORE_KINDS
 from src.retriever.losses import LOSSES
 from src.toy.compare import DEFAULT_SIGNALS, run_comparison
+from src.toy.config import LoopConfig, derive
 from src.toy.runner import run_loop
 
 ROOT = Path(__file__).resolve().parent
@@ -102,7 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def add_step_options(p: argparse.ArgumentParser) -> None:
-    """The reader's and the retriever's flags."""
+    """The reader's flags, then the retriever's."""
     g = p.add_argument_group("reader")
     g.add_argument(
         "--n_context", type=int, default=None, help="passages the reader reads per question (unset: toy 10, else 100)"
@@ -124,6 +125,11 @@ def add_step_options(p: argparse.ArgumentParser) -> None:
         "--no_title", action="store_true", default=None, help="leave passage titles out (unset: on for the toy world)"
     )
     g.add_argument("--score_maxload", type=int, default=-1, help="score at most this many train questions (-1: all)")
+    add_retriever_step_options(p)
+
+
+def add_retriever_step_options(p: argparse.ArgumentParser) -> None:
+    """The retriever's flags."""
     g = p.add_argument_group("retriever")
     g.add_argument("--retriever_steps", type=int, default=600, help="train_retriever.py --total_steps")
     g.add_argument("--retriever_batch_size", type=int, default=16, help="train_retriever.py --per_gpu_batch_size")
@@ -187,47 +193,27 @@ def add_step_options(p: argparse.ArgumentParser) -> None:
 
 
 def get_options(argv: list[str] | None = None) -> argparse.Namespace:
-    """The parsed flags, with the sizes and defaults that depend on toy world vs real data filled in."""
+    """The parsed flags, as the user gave them (a mix of data flags is refused)."""
     p = build_parser()
     opt = p.parse_args(argv)
-
     data = [opt.train_data, opt.eval_data, opt.test_data, opt.passages]
-    opt.toy = all(x is None for x in data)
-    if not opt.toy and any(x is None for x in data):
+    if any(x is None for x in data) and not all(x is None for x in data):
         p.error("give all of --train_data --eval_data --test_data --passages, or none (toy world)")
-    if opt.no_title is None:
-        opt.no_title = opt.toy
-    if opt.in_batch_negatives is None:
-        opt.in_batch_negatives = opt.toy
-    if not opt.toy:
-        opt.reader_model = opt.reader_model or "t5-base"
-        opt.retriever_model = opt.retriever_model or "bert-base-uncased"
-    # Sizes: tiny for the toy world, the original's defaults for real data.
-    for name, toy_value, real_value in (
-        ("n_context", 10, 100),
-        ("text_maxlength", 32, 200),
-        ("indexing_dimension", 64, 768),
-        ("question_maxlength", 16, 40),
-        ("passage_maxlength", 32, 200),
-    ):
-        if getattr(opt, name) is None:
-            setattr(opt, name, toy_value if opt.toy else real_value)
-    if opt.quick:
-        opt.toy_entities = min(opt.toy_entities, 80)
-        opt.reader_steps, opt.reader_eval_freq = 40, 20
-        opt.retriever_steps = 300
-        opt.n_context = min(opt.n_context, 5)
-    opt.retriever_n_context = min(opt.retriever_n_context or opt.n_context, opt.n_context)
-    opt.n_docs = max(opt.n_docs or 0, 20, opt.n_context, opt.retriever_n_context)
-    if opt.output_dir is None:
-        opt.output_dir = str(ROOT / "runs" / time.strftime("loop-%Y%m%d-%H%M%S"))
     return opt
+
+
+def loop_config(argv: list[str] | None = None) -> LoopConfig:
+    """The loop's settings: the flags, with the sizes and defaults that depend on toy world vs
+    real data filled in (src/toy/config.py's derive)."""
+    opt = get_options(argv)
+    signals = None if opt.compare_signals is None else tuple(opt.compare_signals)
+    return derive(config_from(LoopConfig, opt, compare_signals=signals), ROOT)
 
 
 def main(argv: list[str] | None = None) -> Path:
     """Run the loop; returns the run directory."""
-    opt = get_options(argv)
-    return run_comparison(opt) if opt.compare_signals is not None else run_loop(opt)
+    config = loop_config(argv)
+    return run_comparison(config) if config.compare_signals is not None else run_loop(config)
 
 
 if __name__ == "__main__":

@@ -18,11 +18,12 @@ from typing import Any
 
 from src import distributed as dist
 from src.cli import cli, finish, start_run, warn_ignored
+from src.configs import config_from
 from src.data.datasets import ReaderCollator, ReaderDataset, unread_ctxs
 from src.data.offsets import QuestionFile
 from src.data.questions import require_targets, write_questions
 from src.files import atomic_write
-from src.options import Options, config_from
+from src.options import Options
 from src.reader.scores import SCORE_KINDS, attach_scores
 from src.reader.task import ReaderConfig, exact_match, generate_answers, load_reader
 

@@ -10,11 +10,12 @@ already holds `checkpoint/latest` resumes from it (docs/distributed.md, resuming
 from __future__ import annotations
 
 from src.cli import cli, finish, start_run, warn_ignored
+from src.configs import config_from, train_config
 from src.data.datasets import ReaderDataset, unread_ctxs
 from src.data.offsets import QuestionFile
 from src.data.questions import require_targets
 from src.modeling import count_params, set_dropout
-from src.options import Options, config_from, train_config
+from src.options import Options
 from src.reader.task import ReaderConfig, load_reader, reader_task
 from src.train import checkpoint
 from src.train.optim import schedule_pitfalls, unused_flags

@@ -17,10 +17,11 @@ directories with the tokenizer, loadable by `generate_passage_embeddings.py
 from __future__ import annotations
 
 from src.cli import cli, finish, start_run, warn_ignored
+from src.configs import config_from, train_config
 from src.data.datasets import RetrieverDataset, unread_ctxs
 from src.data.offsets import QuestionFile
 from src.modeling import count_params, set_dropout
-from src.options import Options, config_from, train_config
+from src.options import Options
 from src.retriever.task import EncoderChoice, RetrieverTaskConfig, load_retriever, retriever_task
 from src.train import checkpoint
 from src.train.optim import schedule_pitfalls, unused_flags

@@ -25,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import types
 from pathlib import Path
 
 import numpy as np
@@ -33,16 +32,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from src import dist  # noqa: E402
+from src import distributed as dist  # noqa: E402
 from src.corpus.embeddings import write_shard  # noqa: E402
+from src.corpus.faiss_index import IndexConfig  # noqa: E402
 from src.corpus.search import Searchers, agree, build_index, embedding_files, share_of  # noqa: E402
 
 
 def worker(args: argparse.Namespace) -> None:
     """One process of a run (plain python: W=1; under torchrun: rank r of W)."""
-    opt = types.SimpleNamespace(
-        indexing_batch_size=50000, n_subquantizers=0, n_bits=8, index_type="flat", allow_pickle_embeddings=False
-    )
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         dist.init_distributed("cpu")
     group = dist.object_group()
@@ -50,7 +47,7 @@ def worker(args: argparse.Namespace) -> None:
     files = embedding_files(str(Path(args.dir) / "wiki_*"))
     queries = np.load(Path(args.dir) / "queries.npy")
     t0 = time.perf_counter()
-    indexer = build_index(share_of(files, rank, world), queries.shape[1], opt, dist.logger)
+    indexer = build_index(share_of(files, rank, world), queries.shape[1], IndexConfig(index_type="flat"), dist.logger)
     sizes = agree(lambda: len(indexer), group)
     t1 = time.perf_counter()
     searchers = Searchers(indexer, sum(sizes[:rank]), args.k, group)

@@ -4,12 +4,15 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 import logging
 import os
 import random
 import sys
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -17,7 +20,8 @@ import torch
 from src import distributed as dist
 from src.distributed import Runtime
 from src.errors import is_bad_input
-from src.options import Options, save_options
+from src.files import atomic_write
+from src.options import Options, options_dict
 from src.train import runlock
 
 logger = logging.getLogger("fid")
@@ -128,3 +132,21 @@ def cli(main) -> None:
         sys.exit(2)
     finally:
         runlock.release()
+
+
+def format_options(opt: argparse.Namespace, defaults: dict[str, Any]) -> str:
+    lines = []
+    for key, value in sorted(options_dict(opt).items()):
+        mark = f"\t[default: {defaults[key]}]" if key in defaults and defaults[key] != value else ""
+        lines.append(f"{key:>40}: {value}{mark}")
+    return "\n".join(lines)
+
+
+def save_options(opt: argparse.Namespace, defaults: dict[str, Any], run_dir: str | Path) -> None:
+    """opt.log (readable, non-defaults marked) and options.json (plain data) in the run directory."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_write(run_dir / "opt.log") as f:
+        f.write(format_options(opt, defaults) + "\n")
+    with atomic_write(run_dir / "options.json") as f:
+        json.dump(options_dict(opt), f, indent=1, sort_keys=True)

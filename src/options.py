@@ -1,6 +1,6 @@
 """Every command-line flag, grouped as in the original FiD (docs/scripts.md).
 
-Scripts pick the groups they need; `save_options` writes the parsed options as plain
+Scripts pick the groups they need; `cli.save_options` writes the parsed options as plain
 JSON (never a pickled argparse object) and a readable `opt.log` marking non-defaults.
 The choices of `--score_kind` and `--retriever_loss` are the names in their registries
 (scores.py, losses.py). A script that accepts a shared flag it does not use names it
@@ -13,22 +13,15 @@ and take `--no_fp16` for `--precision fp32`.
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from src.corpus.embeddings import EMBEDDING_DTYPES
 from src.corpus.faiss_index import DEFAULT_SUBQUANTIZERS
 from src.corpus.faiss_index import DEFAULTS as INDEX_DEFAULTS
 from src.corpus.faiss_index import KINDS as INDEX_KINDS
 from src.devices import PRECISIONS
-from src.files import atomic_write
 from src.reader.scores import SCORE_KINDS
 from src.retriever.losses import LOSSES
-from src.train.config import OptimConfig, TrainConfig
-
-T = TypeVar("T")
 
 
 def positive_int(text: str) -> int:
@@ -41,6 +34,25 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {value}")
     return value
+
+
+# Flags that several groups take, declared once; a group adds one by name, in its own words
+# where its meaning there differs (`help=`).
+SHARED_FLAGS: dict[str, dict[str, Any]] = {
+    "train_data": dict(type=str, default="none", help="question file (.json or .jsonl)"),
+    "eval_data": dict(type=str, default="none", help="question file (.json or .jsonl)"),
+    "no_title": dict(action="store_true", help="leave passage titles out of the input"),
+    "n_context": dict(type=positive_int, default=1, help="passages per question"),
+    "passage_maxlength": dict(type=positive_int, default=200, help="max passage tokens"),
+    "question_maxlength": dict(type=positive_int, default=40, help="max question tokens"),
+    "passages": dict(type=str, default=None, help="passages .tsv (id, text, title)"),
+    "extract_cls": dict(action="store_true", help="the original's spelling of --pooling cls"),
+}
+
+
+def shared(group, name: str, **changes: Any) -> None:
+    """Add the shared flag `name` (SHARED_FLAGS) to `group`, with `changes` to its settings."""
+    group.add_argument(f"--{name}", **{**SHARED_FLAGS[name], **changes})
 
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -109,14 +121,14 @@ class Options:
 
     def add_reader_options(self) -> None:
         g = self.parser.add_argument_group("reader")
-        g.add_argument("--train_data", type=str, default="none", help="question file (.json or .jsonl)")
-        g.add_argument("--eval_data", type=str, default="none", help="question file (.json or .jsonl)")
+        shared(g, "train_data")
+        shared(g, "eval_data")
         g.add_argument("--model_size", type=str, default="base", help="t5 size: small, base, large, ...")
         g.add_argument("--use_checkpoint", action="store_true", help="activation checkpointing in the encoder")
         g.add_argument("--text_maxlength", type=positive_int, default=200, help="max tokens of question + passage")
         g.add_argument("--answer_maxlength", type=int, default=-1, help="max target tokens (-1: no truncation)")
-        g.add_argument("--no_title", action="store_true", help="leave passage titles out of the input")
-        g.add_argument("--n_context", type=positive_int, default=1, help="passages per question")
+        shared(g, "no_title")
+        shared(g, "n_context")
         g.add_argument(
             "--generation_max_length",
             type=positive_int,
@@ -136,25 +148,23 @@ class Options:
 
     def add_retriever_options(self) -> None:
         g = self.parser.add_argument_group("retriever")
-        g.add_argument("--train_data", type=str, default="none", help="dataset_wscores.json-style file")
-        g.add_argument("--eval_data", type=str, default="none", help="dataset_wscores.json-style file")
+        shared(g, "train_data", help="dataset_wscores.json-style file")
+        shared(g, "eval_data", help="dataset_wscores.json-style file")
         g.add_argument("--indexing_dimension", type=positive_int, default=768, help="size of the projected embeddings")
         g.add_argument("--no_projection", action="store_true", help="no projection: dim = encoder hidden size")
-        g.add_argument("--question_maxlength", type=positive_int, default=40, help="max question tokens")
-        g.add_argument("--passage_maxlength", type=positive_int, default=200, help="max passage tokens")
+        shared(g, "question_maxlength")
+        shared(g, "passage_maxlength")
         g.add_argument("--no_question_mask", action="store_true", help="mean-pool questions over padding too")
         g.add_argument("--no_passage_mask", action="store_true", help="mean-pool passages over padding too")
-        g.add_argument(
-            "--extract_cls", action="store_true", help="pool with the first token (--pooling cls, the original's flag)"
-        )
-        g.add_argument(
-            "--no_title",
-            action="store_true",
+        shared(g, "extract_cls", help="pool with the first token (--pooling cls, the original's flag)")
+        shared(
+            g,
+            "no_title",
             help="leave passage titles out of the input: the paper's passage template without its title part "
             "('context: {text}'); a --passage_template of your own then has no {title}",
         )
         _add_recipe(g)
-        g.add_argument("--n_context", type=positive_int, default=1, help="passages per question")
+        shared(g, "n_context")
         g.add_argument(
             "--grad_cache_chunk_size",
             type=positive_int,
@@ -242,7 +252,7 @@ class Options:
     def add_embedding_options(self) -> None:
         """generate_passage_embeddings.py"""
         g = self.parser.add_argument_group("passage embeddings")
-        g.add_argument("--passages", type=str, default=None, help="passages .tsv (id, text, title)")
+        shared(g, "passages")
         g.add_argument("--output_path", type=str, default="wikipedia_embeddings/wiki", help="shard prefix")
         g.add_argument(
             "--shard_id",
@@ -263,24 +273,24 @@ class Options:
             help="dtype of the stored embeddings: float16 halves the shards on disk and in memory (values must "
             "stay within +-65504); the index converts them to float32 batch by batch",
         )
-        g.add_argument("--passage_maxlength", type=positive_int, default=200, help=MODEL_SAYS + "max passage tokens")
+        shared(g, "passage_maxlength", help=MODEL_SAYS + "max passage tokens")
         self._add_corpus_precision(g)
-        g.add_argument("--no_title", action="store_true", help=MODEL_SAYS + "leave passage titles out of the input")
+        shared(g, "no_title", help=MODEL_SAYS + "leave passage titles out of the input")
         _add_recipe(self.parser.add_argument_group(RECIPE_CHECK), add_extract_cls=True)
 
     def add_retrieval_options(self) -> None:
         """passage_retrieval.py"""
         g = self.parser.add_argument_group("retrieval")
         g.add_argument("--data", "--data_path", dest="data", type=str, default=None, help="question file")
-        g.add_argument("--passages", type=str, default=None, help="passages .tsv (id, text, title)")
+        shared(g, "passages")
         g.add_argument("--passages_embeddings", type=str, default=None, help="glob of embedding shards")
         g.add_argument("--output_path", type=str, default=None, help="retrieved question file")
         g.add_argument("--n-docs", dest="n_docs", type=positive_int, default=100, help="passages per question")
         g.add_argument("--validation_workers", type=int, default=32, help="processes computing hasanswer")
         g.add_argument("--save_or_load_index", action="store_true", help="save the index, or load a saved one")
         self._add_corpus_precision(g)
-        g.add_argument("--passage_maxlength", type=positive_int, default=200, help="max passage tokens")
-        g.add_argument("--question_maxlength", type=positive_int, default=40, help=MODEL_SAYS + "max question tokens")
+        shared(g, "passage_maxlength")
+        shared(g, "question_maxlength", help=MODEL_SAYS + "max question tokens")
         _add_recipe(self.parser.add_argument_group(RECIPE_CHECK), add_extract_cls=True)
         g.add_argument("--indexing_batch_size", type=positive_int, default=50000, help="vectors added to FAISS at once")
         g.add_argument(
@@ -387,7 +397,7 @@ def _add_recipe(group, add_extract_cls: bool = False) -> None:
     train_retriever.py builds a retriever; in the corpus scripts only checked against the model
     (they add --extract_cls, which the retriever group has already)."""
     if add_extract_cls:
-        group.add_argument("--extract_cls", action="store_true", help="the original's spelling of --pooling cls")
+        shared(group, "extract_cls")
     group.add_argument(
         "--pooling",
         choices=["mean", "cls"],
@@ -429,35 +439,3 @@ def options_dict(opt: argparse.Namespace) -> dict[str, Any]:
         else:  # torch.device and the like
             out[key] = str(value)
     return out
-
-
-def format_options(opt: argparse.Namespace, defaults: dict[str, Any]) -> str:
-    lines = []
-    for key, value in sorted(options_dict(opt).items()):
-        mark = f"\t[default: {defaults[key]}]" if key in defaults and defaults[key] != value else ""
-        lines.append(f"{key:>40}: {value}{mark}")
-    return "\n".join(lines)
-
-
-def save_options(opt: argparse.Namespace, defaults: dict[str, Any], run_dir: str | Path) -> None:
-    """opt.log (readable, non-defaults marked) and options.json (plain data) in the run directory."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    with atomic_write(run_dir / "opt.log") as f:
-        f.write(format_options(opt, defaults) + "\n")
-    with atomic_write(run_dir / "options.json") as f:
-        json.dump(options_dict(opt), f, indent=1, sort_keys=True)
-
-
-# -- typed configs: the one place where flags become the settings `src` code takes ---------
-
-
-def config_from(cls: type[T], opt: argparse.Namespace, **overrides: Any) -> T:
-    """A dataclass `cls` whose fields take the values of the flags of the same names (a field
-    without a flag keeps its default; `overrides` win)."""
-    values = {f.name: getattr(opt, f.name) for f in dataclasses.fields(cls) if hasattr(opt, f.name)}
-    return cls(**{**values, **overrides})
-
-
-def train_config(opt: argparse.Namespace) -> TrainConfig:
-    return config_from(TrainConfig, opt, optim=config_from(OptimConfig, opt), options=options_dict(opt))

@@ -13,8 +13,11 @@ import torch
 
 import generate_passage_embeddings
 import passage_retrieval
+from src.corpus import driver
 from src.corpus.embeddings import embed_texts, read_shard, write_shard
+from src.corpus.faiss_index import IndexConfig, Indexer
 from src.corpus.passages import PassageStore
+from src.corpus.search import build_index
 from src.data.datasets import format_passage, format_question
 from src.data.questions import load_questions
 from src.retriever.model import Retriever
@@ -222,12 +225,12 @@ def test_save_or_load_index_really_reloads(corpus, retriever_dir, reference, cap
     def no_build(*args, **kwargs):
         raise AssertionError("the saved index should have been loaded")
 
-    original_build = passage_retrieval.build_index
-    passage_retrieval.build_index = no_build
+    original_build = driver.build_index
+    driver.build_index = no_build
     try:  # the glob also matches nothing but shards: index files are skipped
         second = run_retrieval(corpus, retriever_dir, str(emb_dir / "*"), corpus / "r2.json", "--save_or_load_index")
     finally:
-        passage_retrieval.build_index = original_build
+        driver.build_index = original_build
     assert second == first
 
     # other embeddings behind the same name: the stale index is rebuilt, not reused
@@ -297,7 +300,6 @@ def test_shards_stream_into_the_index_in_full_batches(tmp_path, monkeypatch):
     """Uneven (and empty) shards: every add but the last is a full --indexing_batch_size
     batch, and FAISS rows follow the shard order."""
     import logging
-    import types
 
     sizes, files, n = [3, 10, 0, 7, 2], [], 0
     for i, size in enumerate(sizes):
@@ -306,17 +308,14 @@ def test_shards_stream_into_the_index_in_full_batches(tmp_path, monkeypatch):
         write_shard(files[-1], [str(j) for j in range(n, n + size)], vectors)
         n += size
     added = []
-    original = passage_retrieval.Indexer.index_data
+    original = Indexer.index_data
     monkeypatch.setattr(
-        passage_retrieval.Indexer,
+        Indexer,
         "index_data",
         lambda self, ids, emb: (added.append(len(ids)), original(self, ids, emb)),
     )
-    opt = types.SimpleNamespace(
-        indexing_batch_size=4, n_subquantizers=0, n_bits=8, index_type=None, n_lists=1, n_probe=1, hnsw_m=32,
-        index_train_sample=262144, allow_pickle_embeddings=False,
-    )  # fmt: skip
-    indexer = passage_retrieval.build_index(files, 4, opt, logging.getLogger("test"))
+    config = IndexConfig(n_lists=1, n_probe=1)
+    indexer = build_index(files, 4, config, logging.getLogger("test"), batch=4)
     assert added == [4, 4, 4, 4, 4, 2]
     assert indexer.ids.dtype == np.int64  # integer ids: a compact id map
     assert indexer.ids.astype(str).tolist() == [str(i) for i in range(n)]

@@ -8,8 +8,18 @@ import numpy as np
 import pytest
 
 from src.cli import cli
+from src.configs import config_from
 from src.corpus.embeddings import check_shard, read_shard, shard_path, shard_range, shards_of_process, write_shard
-from src.corpus.faiss_index import IDS_FILE, INDEX_FILE, KINDS, Indexer, index_kind, index_signature, unused_index_flags
+from src.corpus.faiss_index import (
+    IDS_FILE,
+    INDEX_FILE,
+    KINDS,
+    IndexConfig,
+    Indexer,
+    index_kind,
+    index_signature,
+    unused_index_flags,
+)
 from src.errors import EmbeddingFileError
 from src.options import Options
 
@@ -253,17 +263,17 @@ def test_id_maps_int64_when_all_are_integers_else_strings(tmp_path):
     assert [found[0] for found, _ in old.search_knn(x, 1)] == cases["ints"][0]
 
 
-def parse_index_flags(*argv):
+def parse_index_flags(*argv) -> IndexConfig:
     options = Options()
     options.add_retrieval_options()
     options.add_index_options()
-    return options.parse(list(argv))
+    return config_from(IndexConfig, options.parse(list(argv)))
 
 
 def test_index_flags_choose_kind_signature_and_unused_flags():
     assert index_kind(parse_index_flags()) == "flat" and index_kind(parse_index_flags("--n-subquantizers", "8")) == "pq"
     opt = parse_index_flags("--index_type", "ivfpq", "--n_lists", "4", "--index_train_sample", "300")
-    indexer = Indexer.from_options(768, opt)
+    indexer = Indexer.from_config(768, opt)
     ivf = faiss.extract_index_ivf(indexer.index)
     assert (indexer.kind, ivf.nlist, ivf.nprobe, indexer.config["n_subquantizers"]) == ("ivfpq", 4, 16, 64)
     assert indexer.train_sample == 300
@@ -285,15 +295,48 @@ def test_index_flags_choose_kind_signature_and_unused_flags():
     }  # as saved before
 
 
+@pytest.mark.parametrize(
+    "kind, flags, advice",
+    [
+        ("pq", {"n_subquantizers": 4, "n_bits": 8}, "raise --index_train_sample, or lower --n-bits)"),
+        ("ivf", {"n_lists": 20}, "raise --index_train_sample, or lower --n_lists)"),
+        ("ivfpq", {"n_lists": 20, "n_subquantizers": 4, "n_bits": 8}, "or lower --n_lists / --n-bits)"),
+        ("ivfpq", {"n_lists": 4, "n_subquantizers": 4, "n_bits": 8}, "raise --index_train_sample, or lower --n-bits)"),
+    ],
+)
+def test_a_small_training_sample_is_one_warning_naming_the_flags_of_the_kind(capfd, caplog, kind, flags, advice):
+    """FAISS's k-means warns on stderr once per quantizer (4 pq sub-quantizers here, 64 for
+    DPR's 768 dims); the index says it once, with the flags that this kind reads."""
+    x = np.random.default_rng(0).standard_normal((300, 16), dtype=np.float32)
+    indexer = Indexer(16, kind=kind, train_sample=300, **flags)
+    capfd.readouterr()
+    with caplog.at_level(logging.INFO, logger="fid.index"):
+        indexer.index_data(np.arange(300), x)
+    assert "WARNING clustering" not in capfd.readouterr().err
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and warnings[0].endswith(advice), warnings
+    if kind == "pq":
+        assert "--n_lists" not in warnings[0]
+    # the ivf lists' k-means (when short of 39 x n_lists), and one per pq sub-quantizer
+    quantizers = (kind != "pq" and 39 * flags["n_lists"] > 300) + 4 * (kind != "ivf")
+    assert f"FAISS's k-means warned {quantizers} time(s)" in caplog.text
+    assert indexer.trained_on == 300 and len(indexer.search_knn(x[:2], 3)) == 2
+    corpus = Indexer(16, kind="ivf", n_lists=20, train_sample=1000)  # the whole corpus is the sample
+    caplog.clear()
+    corpus.index_data(np.arange(300), x)
+    corpus.finish()
+    assert "lower --n_lists: the corpus has only 300 vectors" in caplog.text
+
+
 def opt_argv(opt) -> list[str]:
     return ["--index_type", opt.index_type, "--n_lists", str(opt.n_lists), "--index_train_sample", "300"]
 
 
 def test_misused_index_flags_are_clear_errors_with_exit_2(capsys):
     with pytest.raises(ValueError, match="ivfpq needs --n-subquantizers > 0 dividing dim=768"):
-        Indexer.from_options(768, parse_index_flags("--index_type", "ivfpq", "--n-subquantizers", "10"))
+        Indexer.from_config(768, parse_index_flags("--index_type", "ivfpq", "--n-subquantizers", "10"))
     with pytest.raises(SystemExit) as e:  # what a script that builds it does (src/cli.py)
-        cli(lambda: Indexer.from_options(100, parse_index_flags("--index_type", "ivfpq")))
+        cli(lambda: Indexer.from_config(100, parse_index_flags("--index_type", "ivfpq")))
     assert e.value.code == 2
     assert "ivfpq needs --n-subquantizers > 0 dividing dim=100" in capsys.readouterr().err
     for argv in (["--index_type", "ivfpq2"], ["--index_train_sample", "0"], ["--n_lists", "0"]):

@@ -18,7 +18,11 @@ import test_reader
 import train_reader
 import train_retriever
 from src.cli import close_loggers, warn_ignored
+from src.configs import config_from
+from src.corpus.driver import RetrievalConfig, get_index
 from src.corpus.embeddings import read_shard, write_shard
+from src.corpus.faiss_index import IndexConfig
+from src.corpus.search import embedding_files
 from src.devices import precision_autocast, resolve_precision
 from src.options import Options
 from src.train.optim import unused_flags
@@ -377,12 +381,13 @@ def test_a_saved_ivf_index_follows_n_lists_and_n_probe(embeddings, tmp_path, cap
     """--save_or_load_index reuses a saved IVF index only if --n_lists is unchanged, and
     searches it with this run's --n_probe."""
     write_shard(tmp_path / "wiki_00.npz", [f"p{i}" for i in range(len(embeddings["fp32"]))], embeddings["fp32"])
-    files = passage_retrieval.embedding_files(str(tmp_path / "wiki_*"))
+    files = embedding_files(str(tmp_path / "wiki_*"))
     log = logging.getLogger("fid")
 
     def index(*flags):
         opt = passage_retrieval.get_options(["--save_or_load_index", "--index_type", "ivf", *flags])
-        return faiss.extract_index_ivf(passage_retrieval.get_index(files, 8, opt, log).index)
+        config = config_from(RetrievalConfig, opt, index=config_from(IndexConfig, opt))
+        return faiss.extract_index_ivf(get_index(files, 8, config, log).index)
 
     with caplog.at_level(logging.INFO):
         assert index("--n_lists", "2", "--n_probe", "1").nlist == 2

@@ -22,7 +22,9 @@ from pathlib import Path
 import pytest
 
 import preprocess
+from src.corpus.passages import strip_id_prefix
 from src.data.datasets import ReaderCollator, ReaderDataset
+from src.data.public_files import normalize_passage_id
 from src.data.questions import iter_entries, load_questions
 from src.errors import DataError
 
@@ -581,3 +583,11 @@ def test_converted_files_feed_passage_retrieval(tmp_path, passages):
     passage_retrieval.main(["--evaluate_only", "--data", str(ours), "--output_path", str(rescored)])
     for a, b in zip(load_json(ours), load_json(rescored)):
         assert [c["hasanswer"] for c in a["ctxs"]] == [c["hasanswer"] for c in b["ctxs"]]
+
+
+def test_the_wiki_prefix_rule_is_the_passage_store_s():
+    """The converters normalise ids with the rule PassageStore looks them up by (one function)."""
+    assert normalize_passage_id(" wiki:123 ", "x") == strip_id_prefix("wiki:123") == "123"
+    assert normalize_passage_id(7, "x") == "7" and strip_id_prefix("wikipedia:1") == "wikipedia:1"
+    with pytest.raises(DataError, match="x: passage id must be a string or an integer"):
+        normalize_passage_id(True, "x")

@@ -20,13 +20,13 @@ from transformers import AutoTokenizer
 
 import passage_retrieval
 from src.cli import close_loggers
+from src.corpus.answer_hits import AnswerHits
+from src.corpus.driver import index_directory
 from src.corpus.embeddings import embed_texts, write_shard
 from src.corpus.faiss_index import Indexer
 from src.corpus.passages import PassageStore
 from src.corpus.search import (
-    AnswerHits,
     Searchers,
-    index_directory,
     merge_top_k,
     retrieved_examples,
     search_share,
@@ -322,6 +322,25 @@ def test_two_processes_reload_their_saved_indexes(world, two_processes, tmp_path
     run_in_process(args(world, one, "--save_or_load_index"))
     assert Indexer.read_meta(world / "emb")["ntotal"] == N_PASSAGES
     assert one.read_bytes() == out.read_bytes()
+
+
+@pytest.mark.slow  # ~40 s here: two fresh interpreters
+def test_too_few_shards_for_the_ranks_end_every_rank_with_exit_2(world, tmp_path):
+    """2 processes, 1 shard file: every rank stops with the one-line message and exit code 2
+    (none is killed by torchrun while tearing down), before rank 0 loads the model; and only
+    the flags the user gave are warned about (torchrun's LOCAL_RANK is no --local_rank)."""
+    (tmp_path / "emb").mkdir()
+    (tmp_path / "emb" / "wiki_00.npz").write_bytes((world / "emb" / "wiki_00.npz").read_bytes())
+    argv = args(world, tmp_path / "out.json", "--seed", 5)
+    argv[argv.index("--passages_embeddings") + 1] = str(tmp_path / "emb" / "wiki_*")
+    proc = torchrun(argv)
+    message = "--passages_embeddings: 1 shard file(s) for 2 processes"
+    assert proc.returncode != 0 and proc.stderr.count(f"error: {message}") == 2, proc.stderr[-3000:]
+    report = proc.stderr[proc.stderr.index("Failures:") :]  # torchrun's own summary of its workers
+    assert report.count("exitcode  : 2 ") == 2 and "SIGTERM" not in report
+    assert "ignores --seed" in proc.stdout and "--local_rank" not in proc.stdout
+    assert "retriever from" not in proc.stdout  # stopped before loading the model
+    assert not (tmp_path / "out.json").exists()
 
 
 def late_bad_world(world: Path, tmp_path: Path) -> Path:

@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
+from src.configs import config_from
 from src.data.datasets import RetrieverCollator, RetrieverDataset
 from src.data.questions import rank_ctxs
 from src.errors import ModelPathError
@@ -21,7 +22,6 @@ from src.metrics import (
     question_ranking_metrics,
     ranking_metrics,
 )
-from src.options import config_from
 from src.retriever.losses import kl_loss
 from src.retriever.model import Retriever, RetrieverConfig, is_saved_retriever
 from src.retriever.task import EncoderChoice, load_retriever

@@ -3,6 +3,7 @@ report (src/toy/report.py), and `run_loop.py --quick` end to end."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -301,8 +302,7 @@ def test_table_layout():
 
 
 def test_write_report(tmp_path):
-    opt = loop_options()
-    opt.passages, opt.test_data = "p.tsv", "test.json"
+    opt = loop_options(passages="p.tsv", test_data="test.json")
     rounds = [_round(1, 0.5)]
     md = report.write_report(tmp_path, opt, rounds, "BM25 (first stage)", {"step": 1.234}, wall=90.0)
     assert (tmp_path / "report.md").read_text(encoding="utf-8") == md
@@ -318,10 +318,23 @@ def test_write_report(tmp_path):
 
 
 def loop_options(**overrides):
-    opt = run_loop.get_options(["--seed", "3", "--output_dir", "unused"])
-    for key, value in overrides.items():
-        setattr(opt, key, value)
-    return opt
+    return dataclasses.replace(run_loop.loop_config(["--seed", "3", "--output_dir", "unused"]), **overrides)
+
+
+def test_loop_config_fills_what_depends_on_toy_or_real_data():
+    quick = run_loop.loop_config(["--quick", "--output_dir", "x"])
+    assert quick.toy and quick.no_title and quick.in_batch_negatives and quick.toy_entities == 80
+    assert (quick.n_context, quick.retriever_n_context, quick.n_docs, quick.reader_steps) == (5, 5, 20, 40)
+    data = ["--train_data", "t", "--eval_data", "d", "--test_data", "s", "--passages", "p"]
+    real = run_loop.loop_config([*data, "--retriever_n_context", "500", "--n_docs", "3", "--output_dir", "x"])
+    assert not real.toy and (real.reader_model, real.retriever_model) == ("t5-base", "bert-base-uncased")
+    assert (real.n_context, real.retriever_n_context, real.n_docs, real.text_maxlength) == (100, 100, 100, 200)
+    opt = run_loop.get_options(["--quick"])  # the flags stay as the user gave them
+    assert opt.n_context is None and opt.output_dir is None and not hasattr(opt, "toy")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        quick.n_context = 3
+    with pytest.raises(SystemExit):
+        run_loop.get_options(["--train_data", "t"])  # all four data flags or none
 
 
 def test_top_ctxs_keeps_the_passages_read(tmp_path):

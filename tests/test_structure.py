@@ -24,14 +24,11 @@ MODULES = {
 SRC_MODULE_LINES = 450
 SCRIPT_LINES = 300
 FUNCTION_LINES = 80
-# TEMPORARY: scripts another change is thinning right now (their library code moves into
-# src/); exempt from the script and function sizes until it lands, then this list goes.
-# Do not add to it.
-SCRIPT_LINES_EXEMPT = {"preprocess", "passage_retrieval"}
+SCRIPT_LINES_EXEMPT: set[str] = set()  # keep it empty: thin the script instead
 # The training loop's rooms: they may not reach a reader, a retriever, the corpus or FAISS.
 TRAIN_FORBIDDEN = ("src.reader", "src.retriever", "src.corpus", "faiss")
-# The names argparse namespaces go by; src code reads them (src/options.py builds the typed
-# configs from them, in one place) but never writes into them.
+# The names argparse namespaces go by; src code reads them (src/options.py parses them,
+# src/configs.py builds the typed configs from them, in one place) but never writes into them.
 OPTION_NAMES = {"opt", "args", "options"}
 
 
@@ -173,11 +170,11 @@ def option_writes(module: ast.Module, where: str) -> list[str]:
 
 
 def test_src_never_writes_into_the_options():
-    # src/options.py owns the namespace: it parses it and turns it into typed configs.
+    # src/options.py parses the namespace and src/configs.py turns it into typed configs.
     found = [
         f
         for name, path in MODULES.items()
-        if name.startswith("src.") and name != "src.options"
+        if name.startswith("src.") and name not in ("src.options", "src.configs")
         for f in option_writes(tree(name), str(path.relative_to(ROOT)))
     ]
     assert not found, "src code touching the argparse options (take a typed config instead):\n" + "\n".join(found)

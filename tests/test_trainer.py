@@ -7,8 +7,9 @@ import torch
 from transformers import T5ForConditionalGeneration
 
 from src.cli import set_seed
+from src.configs import train_config
 from src.distributed import init_distributed
-from src.options import Options, train_config
+from src.options import Options
 from src.toy.tiny_models import build_word_tokenizer, tiny_t5_config
 from src.train import checkpoint
 from src.train.optim import lr_lambda

@@ -11,6 +11,9 @@ Training (pq, ivf, ivfpq, sq8): with `train_sample=S` the first S vectors handed
 added; a corpus smaller than S trains on all of it when the data ends (`finish`, which
 searching and saving call). Shards arrive in corpus order, so the sample is the start of
 the corpus. `train_sample=None` trains on the first batch alone (the behaviour before).
+FAISS's k-means writes a warning to stderr for every quantizer it trains on too few vectors
+(64 lines for a pq index over 768 dims); they are captured and said once, with the flags
+that give this kind of index enough (`IndexConfig`: the index flags, built once by the script).
 
 Ids: kept as one int64 array when every id is a canonical integer (`passages.compact_ids`:
 DPR's psgs_w100.tsv), else as a unicode array; search results convert only the k ids
@@ -22,10 +25,15 @@ map, int64 or unicode, loaded with allow_pickle=False) and `index_meta.json`. No
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import sys
+import tempfile
 import time
+from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import faiss
@@ -55,29 +63,47 @@ DEFAULTS = {"n_lists": 1024, "n_probe": 16, "hnsw_m": 32, "index_train_sample": 
 ADD_BATCH = 65536  # vectors converted to float32 and added at once: bounds FAISS's scratch memory
 
 
-def index_kind(opt) -> str:
-    """--index_type, or the original's rule: pq when --n-subquantizers > 0, else flat."""
-    return opt.index_type or ("pq" if opt.n_subquantizers > 0 else "flat")
+@dataclass(frozen=True)
+class IndexConfig:
+    """Which FAISS index and its settings: the index flags (--index_type, --n-subquantizers,
+    --n-bits, --n_lists, --n_probe, --hnsw_m, --index_train_sample), under their dests."""
+
+    index_type: str | None = None
+    n_subquantizers: int = 0
+    n_bits: int = 8
+    n_lists: int = DEFAULTS["n_lists"]
+    n_probe: int = DEFAULTS["n_probe"]
+    hnsw_m: int = DEFAULTS["hnsw_m"]
+    index_train_sample: int = DEFAULTS["index_train_sample"]
+
+    @property
+    def kind(self) -> str:
+        """--index_type, or the original's rule: pq when --n-subquantizers > 0, else flat."""
+        return self.index_type or ("pq" if self.n_subquantizers > 0 else "flat")
 
 
-def index_signature(opt) -> dict:
+def index_kind(config: IndexConfig) -> str:
+    return config.kind
+
+
+def index_signature(config: IndexConfig) -> dict:
     """The settings a saved index must have been built with to be reused (besides its shards).
     n_probe is a search setting (set on the loaded index), so it is not in it."""
-    kind = index_kind(opt)
+    kind = config.kind
     # kind, n_subquantizers, n_bits for every kind: what earlier saves recorded, so they stay valid
-    signature = {"kind": kind, "n_subquantizers": opt.n_subquantizers, "n_bits": opt.n_bits}
+    signature = {"kind": kind, "n_subquantizers": config.n_subquantizers, "n_bits": config.n_bits}
     if kind in IVF_KINDS:
-        signature["n_lists"] = opt.n_lists
+        signature["n_lists"] = config.n_lists
     if kind == "hnsw":
-        signature["hnsw_m"] = opt.hnsw_m
+        signature["hnsw_m"] = config.hnsw_m
     if kind in TRAINED:
-        signature["train_sample"] = opt.index_train_sample
+        signature["train_sample"] = config.index_train_sample
     return signature
 
 
-def unused_index_flags(opt) -> dict[str, str]:
+def unused_index_flags(config: IndexConfig) -> dict[str, str]:
     """{flag: why} of the index flags that the chosen kind of index does not read."""
-    kind = index_kind(opt)
+    kind = config.kind
     readers = {
         "n_lists": (IVF_KINDS, "only --index_type ivf or ivfpq reads it"),
         "n_probe": (IVF_KINDS, "only --index_type ivf or ivfpq reads it"),
@@ -86,11 +112,25 @@ def unused_index_flags(opt) -> dict[str, str]:
         "hnsw_m": (("hnsw",), "only --index_type hnsw reads it"),
         "index_train_sample": (TRAINED, f"only the trained kinds ({', '.join(TRAINED)}) read it"),
     }
-    return {
-        name: f"{why} (this index: {kind})"
-        for name, (kinds, why) in readers.items()
-        if hasattr(opt, name) and kind not in kinds
-    }
+    return {name: f"{why} (this index: {kind})" for name, (kinds, why) in readers.items() if kind not in kinds}
+
+
+@contextlib.contextmanager
+def faiss_stderr() -> Iterator[list[str]]:
+    """The lines FAISS's C++ code writes to file descriptor 2 meanwhile (its k-means warns once
+    per quantizer it trains: 64 identical lines for a pq index), handed back instead of shown."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    lines: list[str] = []
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            held.seek(0)
+            lines.extend(held.read().decode("utf-8", errors="replace").splitlines())
 
 
 def _check(condition: bool, message: str) -> None:
@@ -172,18 +212,18 @@ class Indexer:
         return index
 
     @classmethod
-    def from_options(cls, dim: int, opt) -> Indexer:
-        """The index the flags ask for (--index_type, --n-subquantizers, --n-bits, --n_lists,
-        --n_probe, --hnsw_m, --index_train_sample: Options.add_index_options)."""
+    def from_config(cls, dim: int, config: IndexConfig) -> Indexer:
+        """The index the flags ask for (IndexConfig: --index_type, --n-subquantizers, --n-bits,
+        --n_lists, --n_probe, --hnsw_m, --index_train_sample)."""
         return cls(
             dim,
-            opt.n_subquantizers,
-            opt.n_bits,
-            kind=index_kind(opt),
-            n_lists=opt.n_lists,
-            n_probe=opt.n_probe,
-            hnsw_m=opt.hnsw_m,
-            train_sample=opt.index_train_sample,
+            config.n_subquantizers,
+            config.n_bits,
+            kind=config.kind,
+            n_lists=config.n_lists,
+            n_probe=config.n_probe,
+            hnsw_m=config.hnsw_m,
+            train_sample=config.index_train_sample,
         )
 
     def __len__(self) -> int:
@@ -261,20 +301,53 @@ class Indexer:
                 f"training the {self.kind} index needs at least {needed} vectors{' ' + where if where else ''}, "
                 f"got {len(sample)} (use a flat index for small corpora)"
             )
-        if self.kind != "sq8" and len(sample) < 39 * needed:
+        advice = self._small_sample_advice(len(sample))
+        if advice:
             logger.warning(
                 "training the %s index on %d vectors: FAISS's k-means wants >= 39 per centroid (%d for %d "
-                "centroids); codes may be poor (raise --index_train_sample, or lower --n_lists / --n-bits)",
+                "centroids); codes may be poor (%s)",
                 self.kind,
                 len(sample),
                 39 * needed,
                 needed,
+                advice,
             )
         logger.info("training the %s index on %d vectors", self.kind, len(sample))
         t0 = time.perf_counter()
-        self.index.train(sample)
+        with faiss_stderr() as chatter:
+            self.index.train(sample)
         self.trained_on, self.train_seconds = len(sample), time.perf_counter() - t0
+        repeated = [line for line in chatter if line.startswith("WARNING clustering")]
+        for line in chatter:
+            if line not in repeated:
+                print(line, file=sys.stderr)
+        if repeated:  # once per k-means: every pq sub-quantizer, and the ivf lists
+            logger.log(
+                logging.INFO if advice else logging.WARNING,
+                "FAISS's k-means warned %d time(s), once per quantizer trained: %s",
+                len(repeated),
+                repeated[0],
+            )
         logger.info("trained in %.1fs", self.train_seconds)
+
+    def _small_sample_advice(self, n: int) -> str:
+        """Which flags give FAISS's k-means its 39 vectors per centroid ("" when it has them):
+        the index's own (--n_lists for ivf, --n-bits for pq, those short of it for ivfpq), and a
+        larger --index_train_sample when the corpus has more vectors than the sample took."""
+        if self.kind == "sq8":
+            return ""
+        c = self.config
+        lower = [
+            flag
+            for flag, kinds, k in (("--n_lists", IVF_KINDS, c["n_lists"]), ("--n-bits", PQ_KINDS, 2 ** c["n_bits"]))
+            if self.kind in kinds and n < 39 * k
+        ]
+        if not lower:
+            return ""
+        lower_text = "lower " + " / ".join(lower)
+        if self.train_sample is not None and n >= self.train_sample:
+            return f"raise --index_train_sample, or {lower_text}"
+        return f"{lower_text}: the corpus has only {n} vectors" if self.train_sample else lower_text
 
     def _add(self, embeddings: np.ndarray) -> None:
         for start in range(0, len(embeddings), ADD_BATCH):

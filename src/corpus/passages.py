@@ -33,7 +33,13 @@ INDEX_VERSION = 1
 REQUIRED_COLUMNS = ("id", "text", "title")
 MAX_ROW_LINES = 100  # a quoted field may span lines; a runaway quote stops here
 MAX_REPORTED_ERRORS = 100
-_ID_PREFIX = "wiki:"  # DPR's retrieval files sometimes prefix passage ids with it
+ID_PREFIX = "wiki:"  # DPR's retrieval files (newer versions) prefix passage ids with it
+
+
+def strip_id_prefix(pid: str) -> str:
+    """A passage id without DPR's "wiki:" prefix ("wiki:123" -> "123"); other ids as they are.
+    The one rule for the store's lookups and preprocess.py's converters."""
+    return pid[len(ID_PREFIX) :] if pid.startswith(ID_PREFIX) else pid
 
 
 def _parse_row(raw: bytes, n_columns: int) -> list[str]:
@@ -351,8 +357,8 @@ class PassageStore:
         if not isinstance(key, str):
             return None
         row = self._lookup(key)
-        if row is None and key.startswith(_ID_PREFIX):
-            row = self._lookup(key[len(_ID_PREFIX) :])
+        if row is None and strip_id_prefix(key) != key:
+            row = self._lookup(strip_id_prefix(key))
         return row
 
     def _lookup(self, key: str) -> int | None:

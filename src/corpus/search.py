@@ -29,8 +29,6 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from pathlib import Path
 from typing import Any, NamedTuple
 
 import faiss
@@ -38,17 +36,16 @@ import numpy as np
 from tqdm import tqdm
 
 from src import distributed as dist
+from src.corpus.answer_hits import AnswerHits
 from src.corpus.embeddings import check_shard, read_shard
-from src.corpus.faiss_index import IDS_FILE, INDEX_FILE, META_FILE, Indexer
+from src.corpus.faiss_index import IDS_FILE, INDEX_FILE, META_FILE, IndexConfig, Indexer
 from src.corpus.passages import PassageStore
 from src.data.questions import iter_entries, validate_example
 from src.errors import DataError, is_bad_input
-from src.metrics import TopKAccuracy, question_hits
 
 EXACT_MARGIN = 16  # candidates beyond k that a flat index returns for rescoring
 SEARCH_BATCH = 2048  # queries per FAISS call (as Indexer.search_knn)
 WRITE_BATCH = 512  # examples given their passage texts and hasanswer at once
-REPORTED_K = (1, 5, 20, 100)
 _NO_ROW = np.iinfo(np.int64).max  # sorts after every real row
 
 
@@ -70,11 +67,6 @@ def embedding_files(pattern: str, allow_pickle: bool = False) -> list[str]:
     return files
 
 
-def shards_signature(files: list[str]) -> list[list]:
-    """What the index was built from; a saved index is reused only if this is unchanged."""
-    return [[os.path.abspath(p), os.path.getsize(p), os.stat(p).st_mtime_ns] for p in files]
-
-
 def share_of(files: list[str], rank: int, world_size: int) -> list[str]:
     """Rank r's shard files: the r-th of W contiguous runs of `files`, as equal in number as
     can be (the first len(files) % W ranks take one more). Each process indexes whole files,
@@ -90,21 +82,20 @@ def share_of(files: list[str], rank: int, world_size: int) -> list[str]:
     return files[start : start + per + (rank < extra)]
 
 
-def index_directory(files: list[str], rank: int = 0, world_size: int = 1) -> Path:
-    """Where --save_or_load_index keeps a process's index: beside its shards in one process (as
-    before), in `index_rank{r}_of{W}/` there under torchrun, so that no save is taken for one
-    of another number of processes."""
-    base = Path(files[0]).parent
-    return base if world_size == 1 else base / f"index_rank{rank}_of{world_size}"
-
-
-def build_index(files: list[str], dim: int, opt, logger: logging.Logger) -> Indexer:
-    """Stream the shards into the index, `indexing_batch_size` vectors at a time."""
-    indexer = Indexer.from_options(dim, opt)
-    batch = opt.indexing_batch_size
+def build_index(
+    files: list[str],
+    dim: int,
+    config: IndexConfig,
+    logger: logging.Logger,
+    batch: int = 50000,
+    allow_pickle: bool = False,
+) -> Indexer:
+    """Stream the shards into the index, `batch` vectors (--indexing_batch_size) at a time."""
+    indexer = Indexer.from_config(dim, config)
     carry_ids, carry_emb = None, np.zeros((0, dim), np.float32)  # < batch vectors
     for path in tqdm(files, desc="indexing shards", unit="shard"):
-        ids, emb = read_shard(path, allow_pickle=opt.allow_pickle_embeddings, compact=True)  # index_data converts
+        # compact: int64 ids and float16 stay as stored; index_data converts batch by batch
+        ids, emb = read_shard(path, allow_pickle=allow_pickle, compact=True)
         if carry_ids is None:
             carry_ids = ids[:0]
         if carry_ids.dtype.kind != ids.dtype.kind:  # shards with integer and string ids: strings for both
@@ -346,77 +337,6 @@ def attach_passages(examples: list[dict], top: TopK, store: PassageStore, passag
                 raise DataError(f"passage id {str(pid)!r} of the embeddings is not in {passages_path}")
             ctxs.append({**passage, "score": score})
         ex["ctxs"] = ctxs
-
-
-class AnswerHits:
-    """hasanswer of every ctx (DPR convention) and the top-k accuracy, over examples handed
-    in batches: one first-hit rank per question is kept (TopKAccuracy), not the texts. One
-    pool of `workers` processes for the whole run (a context manager: closes it)."""
-
-    def __init__(self, workers: int):
-        self.workers = workers
-        self.pool: ProcessPoolExecutor | None = None
-        self.topk = TopKAccuracy()
-        self.seconds, self.without_answers = 0.0, 0
-
-    def __enter__(self) -> AnswerHits:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.pool is not None:
-            self.pool.shutdown(cancel_futures=True)
-
-    def _hits(self, answers: list[list[str]], texts: list[list[str]]) -> list[list[bool]]:
-        if self.workers <= 1 or len(answers) < 2 * self.workers:
-            return [question_hits(a, t) for a, t in zip(answers, texts)]
-        if self.pool is None:
-            self.pool = ProcessPoolExecutor(max_workers=self.workers)
-        return list(self.pool.map(question_hits, answers, texts, chunksize=max(1, len(answers) // (8 * self.workers))))
-
-    def label(self, examples: list[dict]) -> None:
-        """Set every ctx's hasanswer from its text (False without answers) and count the hits."""
-        t0 = time.time()
-        with_answers = [ex for ex in examples if ex.get("answers")]
-        hits = self._hits(
-            [ex["answers"] for ex in with_answers], [[c["text"] for c in ex.get("ctxs") or []] for ex in with_answers]
-        )
-        for ex, ex_hits in zip(with_answers, hits):
-            for ctx, hit in zip(ex.get("ctxs") or [], ex_hits):
-                ctx["hasanswer"] = hit
-        for ex in examples:
-            if not ex.get("answers"):
-                for ctx in ex.get("ctxs") or []:
-                    ctx["hasanswer"] = False
-        self.topk.add(hits)
-        self.without_answers += len(examples) - len(with_answers)
-        self.seconds += time.time() - t0
-
-    def log(self, logger: logging.Logger) -> None:
-        """How many were labelled, and the top-k accuracy (every k: the `fid.topk` logger)."""
-        skipped = self.without_answers
-        logger.info(
-            "hasanswer computed for %d questions in %.1fs%s",
-            self.topk.questions,
-            self.seconds,
-            f" ({skipped} without answers are left out of the accuracy)" if skipped else "",
-        )
-        accuracy = self.topk.accuracy()
-        if not accuracy:
-            logger.info("no question with answers and passages: no top-k accuracy")
-            return
-        shown = sorted({k for k in REPORTED_K if k <= len(accuracy)} | {len(accuracy)})
-        logger.info("top-k accuracy: " + ", ".join(f"top-{k} {100 * accuracy[k - 1]:.2f}%" for k in shown))
-        mrr = self.topk.mrr(shown)
-        recall, with_hits = self.topk.recall(shown)
-        logger.info("MRR@k: " + ", ".join(f"MRR@{k} {mrr[k]:.4f}" for k in shown))
-        logger.info(
-            "recall@k (share of the answer-bearing passages retrieved that are in the top k; %d questions with "
-            "one): %s",
-            with_hits,
-            ", ".join(f"recall@{k} {100 * recall[k]:.2f}%" for k in shown),
-        )
-        every_k = "top-k accuracy for every k: " + " ".join(f"{k}:{a:.4f}" for k, a in enumerate(accuracy, 1))
-        logging.getLogger("fid.topk").info(every_k)
 
 
 def retrieved_examples(

@@ -11,13 +11,14 @@ how long the export took.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import json
 import time
 from pathlib import Path
 
 from src.data.questions import load_questions
 from src.files import atomic_write
+from src.toy.config import LoopConfig
 from src.toy.report import KS, ctxs_topk, fmt
 from src.toy.runner import Runner, embed_and_retrieve, prepare, test_reader, train_reader, train_retriever
 
@@ -26,36 +27,38 @@ LOSS_OF = {"answer_logprob": "emdr"}  # the loss each signal is meant for; kl ot
 
 
 def compare_signals(
-    run: Runner, opt, splits: dict[str, Path], passages: Path, first_stage: dict, retriever_init: dict
+    run: Runner, config: LoopConfig, splits: dict[str, Path], passages: Path, first_stage: dict, retriever_init: dict
 ) -> list[dict]:
     """One row per signal: {signal, loss, export_seconds, top{k}}."""
-    reader = train_reader(run, opt, "compare/reader", opt.reader_model, True, splits["train"], splits["dev"])
+    reader = train_reader(run, config, "compare/reader", config.reader_model, True, splits["train"], splits["dev"])
     rows = []
-    for signal in opt.compare_signals or DEFAULT_SIGNALS:
-        sopt = argparse.Namespace(**{**vars(opt), "score_kind": signal, "retriever_loss": LOSS_OF.get(signal, "kl")})
-        print(f"\n===== signal {signal} (retriever loss {sopt.retriever_loss}) =====", flush=True)
+    for signal in config.compare_signals or DEFAULT_SIGNALS:
+        signal_config = dataclasses.replace(config, score_kind=signal, retriever_loss=LOSS_OF.get(signal, "kl"))
+        print(f"\n===== signal {signal} (retriever loss {signal_config.retriever_loss}) =====", flush=True)
         start = time.time()
         scored = {
             split: test_reader(
                 run,
-                sopt,
+                signal_config,
                 f"compare/{signal}/score_{split}",
                 reader,
                 path,
-                opt.score_maxload if split == "train" else -1,
+                config.score_maxload if split == "train" else -1,
             )
             for split, path in splits.items()
         }
         export_seconds = time.time() - start
         wscores = {split: scored[split] / "dataset_wscores.json" for split in ("train", "dev")}
         retriever = train_retriever(
-            run, sopt, f"compare/{signal}/retriever", opt.retriever_model, wscores["train"], wscores["dev"]
+            run, signal_config, f"compare/{signal}/retriever", config.retriever_model, wscores["train"], wscores["dev"]
         )
         retrieved = embed_and_retrieve(
-            run, sopt, f"compare/{signal}/retrieval", str(retriever), passages, {"test": splits["test"]}
+            run, signal_config, f"compare/{signal}/retrieval", str(retriever), passages, {"test": splits["test"]}
         )
         topk = ctxs_topk(load_questions(retrieved["test"], rank=True))
-        rows.append({"signal": signal, "loss": sopt.retriever_loss, "export_seconds": export_seconds, "topk": topk})
+        rows.append(
+            {"signal": signal, "loss": signal_config.retriever_loss, "export_seconds": export_seconds, "topk": topk}
+        )
     rows.append({"signal": "(before distillation)", "loss": "", "export_seconds": None, "topk": retriever_init})
     rows.append({"signal": "(first stage)", "loss": "", "export_seconds": None, "topk": first_stage})
     return rows
@@ -85,11 +88,12 @@ def write_comparison(run_dir: Path, rows: list[dict], first_stage_name: str) -> 
     return md
 
 
-def run_comparison(opt) -> Path:
+def run_comparison(config: LoopConfig) -> Path:
     """run_loop.py --compare_signals: returns the run directory (compare.md, compare.json)."""
-    setup = prepare(opt)
-    opt = setup.opt
-    rows = compare_signals(setup.run, opt, setup.splits, setup.passages, setup.first_stage, setup.retriever_init)
+    setup = prepare(config)
+    rows = compare_signals(
+        setup.run, setup.config, setup.splits, setup.passages, setup.first_stage, setup.retriever_init
+    )
     md = write_comparison(setup.run.run_dir, rows, setup.first_stage_name)
     print(f"\n{md}\nwall time {(time.time() - setup.started) / 60:.1f} min; run directory (compare.md):", flush=True)
     print(setup.run.run_dir, flush=True)

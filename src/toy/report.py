@@ -7,6 +7,7 @@ over DPR hasanswer hits; the passages the reader read are `questions.read_ctxs`.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import random
@@ -16,6 +17,7 @@ from pathlib import Path
 from src.data.questions import read_ctxs
 from src.files import atomic_write
 from src.metrics import has_answer, mean_em, mrr_at_k, recall_at_k, retrieval_hits, top_k_accuracy_at
+from src.toy.config import LoopConfig
 
 KS = (1, 5, 20)
 
@@ -146,7 +148,7 @@ def table(rounds: list[dict], first_stage: str = "first stage") -> str:
 
 
 def write_report(
-    run_dir: Path, opt, rounds: list[dict], first_stage: str, timings: dict[str, float], wall: float
+    run_dir: Path, config: LoopConfig, rounds: list[dict], first_stage: str, timings: dict[str, float], wall: float
 ) -> str:
     """report.json (the rounds), run_summary.json (times, memory, options) and report.md
     in `run_dir`; returns report.md's text."""
@@ -156,8 +158,8 @@ def write_report(
         "wall_seconds": round(wall, 1),
         "peak_step_rss_mb": round(peak_mb, 1),
         "step_seconds": {k: round(v, 1) for k, v in timings.items()},
-        "data": {k: str(v) for k, v in (("passages", Path(opt.passages)), ("test", Path(opt.test_data)))},
-        "options": {k: v for k, v in vars(opt).items()},
+        "data": {k: str(v) for k, v in (("passages", Path(config.passages)), ("test", Path(config.test_data)))},
+        "options": dataclasses.asdict(config),
     }
     # report.json is the list of rounds the issue asks for; the rest goes beside it.
     with atomic_write(run_dir / "report.json") as f:
@@ -165,11 +167,11 @@ def write_report(
     with atomic_write(run_dir / "run_summary.json") as f:
         json.dump(summary, f, indent=1)
     md = (
-        f"# FiD loop: {opt.rounds} round(s)\n\n{table(rounds, first_stage)}\n"
+        f"# FiD loop: {config.rounds} round(s)\n\n{table(rounds, first_stage)}\n"
         f"Round 1's reader reads the first stage's passages; round r > 1's reader and retriever continue from\n"
         f"round r−1's, and the reader reads the passages of round r−1's distilled retriever. Top-k: share of test questions with an\n"
-        f"answer-bearing passage (DPR hasanswer) in the top k over the whole corpus. Signal: {opt.score_kind}; retriever\n"
-        f"loss: {opt.retriever_loss} over each question's passages{' + in-batch negatives' if opt.in_batch_negatives else ''}.\n\n"
+        f"answer-bearing passage (DPR hasanswer) in the top k over the whole corpus. Signal: {config.score_kind}; retriever\n"
+        f"loss: {config.retriever_loss} over each question's passages{' + in-batch negatives' if config.in_batch_negatives else ''}.\n\n"
         f"Wall time {wall / 60:.1f} min, largest step peak RSS {peak_mb:.0f} MB, {os.cpu_count()} CPUs visible.\n"
         f"Commands: `commands.log`; tensorboard: `tensorboard --logdir {run_dir}`.\n"
     )

@@ -9,7 +9,7 @@ the flags it reads. The metrics and the table are report.py's.
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import os
 import shlex
 import subprocess
@@ -21,6 +21,7 @@ from pathlib import Path
 from src.data.questions import load_questions, read_ctxs, write_questions
 from src.retriever.model import passage_template_for
 from src.toy import world as toy
+from src.toy.config import LoopConfig
 from src.toy.report import (
     ctxs_mrr_recall,
     ctxs_topk,
@@ -33,7 +34,6 @@ from src.toy.report import (
 )
 
 SCRIPTS = Path(__file__).resolve().parents[2]  # the repository root: the scripts and `src`
-TOY_SPLITS = {"train_data": "train", "eval_data": "dev", "test_data": "test"}  # flag: the toy world's split
 
 # ---------------------------------------------------------------------------
 # Running the scripts
@@ -43,8 +43,8 @@ TOY_SPLITS = {"train_data": "train", "eval_data": "dev", "test_data": "test"}  #
 class Runner:
     """Runs the steps of one run directory; `timings` holds each step's seconds."""
 
-    def __init__(self, opt, run_dir: Path):
-        self.opt, self.run_dir = opt, run_dir
+    def __init__(self, config: LoopConfig, run_dir: Path):
+        self.config, self.run_dir = config, run_dir
         self.log = open(run_dir / "commands.log", "a", encoding="utf-8")
         self.timings: dict[str, float] = {}
         self.env = dict(os.environ, PYTHONPATH=str(SCRIPTS) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -52,9 +52,9 @@ class Runner:
     def command(self, script: str, args: list[str], distributed: bool = True) -> list[str]:
         """The command line of one step: torchrun with --nproc > 1 (when `distributed`), and --device."""
         launcher = [sys.executable]
-        if distributed and self.opt.nproc > 1:
-            launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.opt.nproc}"]
-        device = ["--device", self.opt.device] if self.opt.device else []
+        if distributed and self.config.nproc > 1:
+            launcher += ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={self.config.nproc}"]
+        device = ["--device", self.config.device] if self.config.device else []
         return launcher + [str(SCRIPTS / script)] + args + device
 
     def __call__(self, label: str, script: str, args: list[str], distributed: bool = True) -> None:
@@ -102,71 +102,73 @@ class Runner:
 # ---------------------------------------------------------------------------
 
 
-def reader_flags(opt) -> list[str]:
-    flags = ["--n_context", str(opt.n_context), "--text_maxlength", str(opt.text_maxlength)]
-    flags += ["--precision", opt.precision]
-    return flags + (["--no_title"] if opt.no_title else [])
+def reader_flags(config: LoopConfig) -> list[str]:
+    flags = ["--n_context", str(config.n_context), "--text_maxlength", str(config.text_maxlength)]
+    flags += ["--precision", config.precision]
+    return flags + (["--no_title"] if config.no_title else [])
 
 
-def passage_flags(opt) -> list[str]:
+def passage_flags(config: LoopConfig) -> list[str]:
     """How passages are read into the retriever (train_retriever.py, generate_passage_embeddings.py).
     No --precision: the corpus scripts keep their default (the original's: fp16 on GPU,
     fp32 on CPU), so the toy table is the one measured before they honoured the flag."""
-    flags = ["--passage_maxlength", str(opt.passage_maxlength)]
-    return flags + (["--no_title"] if opt.no_title else [])
+    flags = ["--passage_maxlength", str(config.passage_maxlength)]
+    return flags + (["--no_title"] if config.no_title else [])
 
 
-def train_reader(run: Runner, opt, name: str, start: str, fresh: bool, train: Path, dev: Path) -> Path:
+def train_reader(run: Runner, config: LoopConfig, name: str, start: str, fresh: bool, train: Path, dev: Path) -> Path:
     args = [
         "--train_data", str(train), "--eval_data", str(dev),
         "--model_name_or_path" if fresh else "--model_path", start,
         "--checkpoint_dir", str(run.run_dir), "--name", name,
-        "--per_gpu_batch_size", str(opt.reader_batch_size),
-        "--total_steps", str(opt.reader_steps), "--warmup_steps", str(max(opt.reader_steps // 20, 1)),
-        "--scheduler", "linear", "--lr", str(opt.reader_lr), "--optim", "adamw", "--weight_decay", "0.0",
-        "--dropout", "0.0", "--eval_freq", str(opt.reader_eval_freq), "--save_freq", str(opt.reader_steps),
-        "--eval_print_freq", "100000", "--seed", str(opt.seed),
-    ] + reader_flags(opt)  # fmt: skip
+        "--per_gpu_batch_size", str(config.reader_batch_size),
+        "--total_steps", str(config.reader_steps), "--warmup_steps", str(max(config.reader_steps // 20, 1)),
+        "--scheduler", "linear", "--lr", str(config.reader_lr), "--optim", "adamw", "--weight_decay", "0.0",
+        "--dropout", "0.0", "--eval_freq", str(config.reader_eval_freq), "--save_freq", str(config.reader_steps),
+        "--eval_print_freq", "100000", "--seed", str(config.seed),
+    ] + reader_flags(config)  # fmt: skip
     run(name, "train_reader.py", args)
     return run.run_dir / name / "checkpoint" / "best_dev"
 
 
-def test_reader(run: Runner, opt, name: str, model: Path, data: Path, maxload: int = -1) -> Path:
+def test_reader(run: Runner, config: LoopConfig, name: str, model: Path, data: Path, maxload: int = -1) -> Path:
     args = [
         "--model_path", str(model), "--eval_data", str(data), "--checkpoint_dir", str(run.run_dir), "--name", name,
         "--per_gpu_batch_size", "32", "--write_results", "--write_crossattention_scores",
-        "--generation_max_length", str(opt.generation_max_length), "--maxload", str(maxload),
-        "--score_kind", opt.score_kind,
-    ] + reader_flags(opt)  # fmt: skip
+        "--generation_max_length", str(config.generation_max_length), "--maxload", str(maxload),
+        "--score_kind", config.score_kind,
+    ] + reader_flags(config)  # fmt: skip
     run(name, "test_reader.py", args)
     return run.run_dir / name
 
 
-def train_retriever(run: Runner, opt, name: str, start: str, train: Path, dev: Path, query_side: bool = False) -> Path:
+def train_retriever(
+    run: Runner, config: LoopConfig, name: str, start: str, train: Path, dev: Path, query_side: bool = False
+) -> Path:
     args = [
         "--train_data", str(train), "--eval_data", str(dev), "--model_name_or_path", start,
-        "--checkpoint_dir", str(run.run_dir), "--name", name, "--n_context", str(opt.retriever_n_context),
-        "--per_gpu_batch_size", str(opt.retriever_batch_size), "--indexing_dimension", str(opt.indexing_dimension),
-        "--question_maxlength", str(opt.question_maxlength),
-        "--total_steps", str(opt.retriever_steps), "--warmup_steps", str(max(opt.retriever_steps // 10, 1)),
-        "--scheduler", "linear", "--lr", str(opt.retriever_lr), "--optim", "adamw", "--weight_decay", "0.0",
-        "--dropout", "0.0", "--eval_freq", str(max(opt.retriever_steps // 3, 1)),
-        "--save_freq", str(opt.retriever_steps), "--eval_print_freq", "100000", "--seed", str(opt.seed),
-        "--precision", opt.precision, "--retriever_loss", opt.retriever_loss,
-    ] + (["--in_batch_negatives"] if opt.in_batch_negatives else []) + passage_flags(opt)  # fmt: skip
+        "--checkpoint_dir", str(run.run_dir), "--name", name, "--n_context", str(config.retriever_n_context),
+        "--per_gpu_batch_size", str(config.retriever_batch_size), "--indexing_dimension", str(config.indexing_dimension),
+        "--question_maxlength", str(config.question_maxlength),
+        "--total_steps", str(config.retriever_steps), "--warmup_steps", str(max(config.retriever_steps // 10, 1)),
+        "--scheduler", "linear", "--lr", str(config.retriever_lr), "--optim", "adamw", "--weight_decay", "0.0",
+        "--dropout", "0.0", "--eval_freq", str(max(config.retriever_steps // 3, 1)),
+        "--save_freq", str(config.retriever_steps), "--eval_print_freq", "100000", "--seed", str(config.seed),
+        "--precision", config.precision, "--retriever_loss", config.retriever_loss,
+    ] + (["--in_batch_negatives"] if config.in_batch_negatives else []) + passage_flags(config)  # fmt: skip
     if query_side:  # the passage side stays the starting retriever's: its index stays valid
         args.append("--query_side_retriever_training")
     run(name, "train_retriever.py", args)
     return run.run_dir / name / "checkpoint" / "best_dev"
 
 
-def embed_corpus(run: Runner, opt, label: str, model: str, passages: Path, prefix: Path) -> None:
+def embed_corpus(run: Runner, config: LoopConfig, label: str, model: str, passages: Path, prefix: Path) -> None:
     """The whole corpus, one shard per process (--nproc of them, in parallel), to `prefix`_*."""
     args = [
         "--model_path", model, "--passages", str(passages), "--output_path", str(prefix),
         "--per_gpu_batch_size", "256",
-    ] + passage_flags(opt)  # fmt: skip
-    shards = max(opt.nproc, 1)
+    ] + passage_flags(config)  # fmt: skip
+    shards = max(config.nproc, 1)
     if shards == 1:
         run(f"{label}_embed", "generate_passage_embeddings.py", args, distributed=False)
         return
@@ -175,7 +177,13 @@ def embed_corpus(run: Runner, opt, label: str, model: str, passages: Path, prefi
 
 
 def embed_and_retrieve(
-    run: Runner, opt, label: str, model: str, passages: Path, splits: dict[str, Path], index: Path | None = None
+    run: Runner,
+    config: LoopConfig,
+    label: str,
+    model: str,
+    passages: Path,
+    splits: dict[str, Path],
+    index: Path | None = None,
 ) -> dict[str, Path]:
     """Embed the corpus (unless `index`: the prefix of shards embedded before, still valid
     after query-side training) and retrieve for every split: {split: retrieved question file}."""
@@ -183,14 +191,14 @@ def embed_and_retrieve(
     prefix = index or out / "embeddings" / "passages"
     if index is None:
         prefix.parent.mkdir(parents=True, exist_ok=True)
-        embed_corpus(run, opt, label, model, passages, prefix)
+        embed_corpus(run, config, label, model, passages, prefix)
     retrieved = {}
     for split, data in splits.items():
         retrieved[split] = out / "retrieved" / f"{split}.json"
         run(f"{label}_retrieve_{split}", "passage_retrieval.py", [
             "--model_path", model, "--passages", str(passages), "--passages_embeddings", f"{prefix}_*",
-            "--data", str(data), "--output_path", str(retrieved[split]), "--n-docs", str(opt.n_docs),
-            "--question_maxlength", str(opt.question_maxlength), "--validation_workers", "1",
+            "--data", str(data), "--output_path", str(retrieved[split]), "--n-docs", str(config.n_docs),
+            "--question_maxlength", str(config.question_maxlength), "--validation_workers", "1",
         ], distributed=False)  # fmt: skip
     return retrieved
 
@@ -212,39 +220,43 @@ def top_ctxs(src: Path, dst: Path, n: int) -> Path:
     return dst
 
 
-def make_toy(opt, run_dir: Path) -> argparse.Namespace:
-    """Toy world, BM25 ctxs and tiny starting models, written into the run directory. Returns
-    a copy of the options naming them as the data and models (the user's are left alone)."""
+def make_toy(config: LoopConfig, run_dir: Path) -> LoopConfig:
+    """Toy world, BM25 ctxs and tiny starting models, written into the run directory; returns
+    the config with their paths as the data and the starting models."""
     data = run_dir / "data"
     data.mkdir(parents=True, exist_ok=True)
-    n = opt.toy_entities
+    n = config.toy_entities
     split = max(n * len(toy.ATTRIBUTES) // 12, 10)  # 1/12 of the questions each for dev and test
-    world = toy.make_world(seed=opt.seed, n_entities=n, n_dev=split, n_test=split)
-    bm25 = toy.add_bm25_ctxs(world.train, world.passages, opt.n_docs)
-    toy.add_bm25_ctxs(world.dev + world.test, world.passages, opt.n_docs, bm25)
+    world = toy.make_world(seed=config.seed, n_entities=n, n_dev=split, n_test=split)
+    bm25 = toy.add_bm25_ctxs(world.train, world.passages, config.n_docs)
+    toy.add_bm25_ctxs(world.dev + world.test, world.passages, config.n_docs, bm25)
     toy.write_passages_tsv(data / "psgs_w100.tsv", world.passages)
     for name, questions in (("train", world.train), ("dev", world.dev), ("test", world.test)):
         write_questions(data / f"{name}.json", questions)
     models = run_dir / "models"
     recipe = {  # the recipe the loop's flags give (the scripts read it from the model)
-        "passage_template": passage_template_for(None, opt.no_title),
-        "question_maxlength": opt.question_maxlength,
-        "passage_maxlength": opt.passage_maxlength,
+        "passage_template": passage_template_for(None, config.no_title),
+        "question_maxlength": config.question_maxlength,
+        "passage_maxlength": config.passage_maxlength,
     }
-    toy_inputs = {
-        **{flag: str(data / f"{split}.json") for flag, split in TOY_SPLITS.items()},
-        "passages": str(data / "psgs_w100.tsv"),
-        "reader_model": str(toy.build_reader(models / "reader_start", world, seed=opt.seed)),
-        "retriever_model": str(
-            toy.build_retriever(models / "retriever_start", world, dim=opt.indexing_dimension, seed=opt.seed, **recipe)
-        ),
-    }
+    reader = toy.build_reader(models / "reader_start", world, seed=config.seed)
+    retriever = toy.build_retriever(
+        models / "retriever_start", world, dim=config.indexing_dimension, seed=config.seed, **recipe
+    )
     print(
         f"toy world: {len(world.passages)} passages, {len(world.train)}/{len(world.dev)}/{len(world.test)} "
         f"train/dev/test questions, BM25 ctxs, tiny models in {models}",
         flush=True,
     )
-    return argparse.Namespace(**{**vars(opt), **toy_inputs})
+    return dataclasses.replace(
+        config,
+        train_data=str(data / "train.json"),
+        eval_data=str(data / "dev.json"),
+        test_data=str(data / "test.json"),
+        passages=str(data / "psgs_w100.tsv"),
+        reader_model=str(reader),
+        retriever_model=str(retriever),
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -254,7 +266,7 @@ def make_toy(opt, run_dir: Path) -> argparse.Namespace:
 
 def run_round(
     run: Runner,
-    opt,
+    config: LoopConfig,
     tag: str,
     splits: dict[str, Path],
     reader: str,
@@ -267,27 +279,27 @@ def run_round(
     (its reader, {split: scoring run dir}, its retriever, {split: retrieved file}). With
     `index` (query-side training) the retriever trains its question side only and searches
     the shards at `index`, embedded before the loop, instead of re-embedding the corpus."""
-    reader = train_reader(run, opt, f"{tag}/reader", reader, fresh, splits["train"], splits["dev"])
+    reader = train_reader(run, config, f"{tag}/reader", reader, fresh, splits["train"], splits["dev"])
     scored = {
         split: test_reader(
-            run, opt, f"{tag}/score_{split}", reader, path, opt.score_maxload if split == "train" else -1
+            run, config, f"{tag}/score_{split}", reader, path, config.score_maxload if split == "train" else -1
         )
         for split, path in splits.items()
     }
     retriever = train_retriever(
-        run, opt, f"{tag}/retriever", retriever,
+        run, config, f"{tag}/retriever", retriever,
         scored["train"] / "dataset_wscores.json", scored["dev"] / "dataset_wscores.json", query_side=index is not None,
     )  # fmt: skip
-    retrieved = embed_and_retrieve(run, opt, f"{tag}/retrieval", str(retriever), passages, splits, index)
+    retrieved = embed_and_retrieve(run, config, f"{tag}/retrieval", str(retriever), passages, splits, index)
     return reader, scored, retriever, retrieved
 
 
 @dataclass
 class Setup:
-    """What every run of the loop starts from: the data cut to n_context, and the baselines.
-    `opt`: the options the loop runs with (the toy world's files as its data, with --toy)."""
+    """What every run of the loop starts from: its config (the toy world's files and models
+    filled in), the data cut to n_context, and the baselines."""
 
-    opt: argparse.Namespace
+    config: LoopConfig
     run: Runner
     passages: Path
     splits: dict[str, Path]
@@ -299,28 +311,28 @@ class Setup:
     started: float
 
 
-def prepare(opt) -> Setup:
+def prepare(config: LoopConfig) -> Setup:
     """The toy world (by default), the first stage's top n_context ctxs per split, and the
     baselines: the starting retriever over the whole corpus ("before distillation") and
     the starting reader on the test set (what its initialisation alone gives)."""
-    run_dir = Path(opt.output_dir).resolve()
+    run_dir = Path(config.output_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    if opt.toy:
-        opt = make_toy(opt, run_dir)
-    run = Runner(opt, run_dir)
-    passages, n = Path(opt.passages), opt.n_context
-    test_questions = load_questions(opt.test_data, rank=True)
+    if config.toy:
+        config = make_toy(config, run_dir)
+    run = Runner(config, run_dir)
+    passages, n = Path(config.passages), config.n_context
+    test_questions = load_questions(config.test_data, rank=True)
     first_stage = ctxs_topk(test_questions)  # the first stage's own ranking, all its ctxs
-    first_stage_name = "BM25 (first stage)" if opt.toy else "the first stage (input ctxs)"
-    inputs = {"train": opt.train_data, "dev": opt.eval_data, "test": opt.test_data}
+    first_stage_name = "BM25 (first stage)" if config.toy else "the first stage (input ctxs)"
+    inputs = {"train": config.train_data, "dev": config.eval_data, "test": config.test_data}
     splits = {s: top_ctxs(Path(p), run_dir / "data" / f"{s}.top{n}.json", n) for s, p in inputs.items()}
-    init = embed_and_retrieve(run, opt, "retriever_init", opt.retriever_model, passages, {"test": splits["test"]})
+    init = embed_and_retrieve(run, config, "retriever_init", config.retriever_model, passages, {"test": splits["test"]})
     retriever_init = ctxs_topk(load_questions(init["test"], rank=True))
-    start_scored = test_reader(run, opt, "reader_init/score_test", Path(opt.reader_model), splits["test"])
+    start_scored = test_reader(run, config, "reader_init/score_test", Path(config.reader_model), splits["test"])
     reader_init_em = reader_em(start_scored, test_questions)
     return Setup(
-        opt,
+        config,
         run,
         passages,
         splits,
@@ -333,23 +345,23 @@ def prepare(opt) -> Setup:
     )
 
 
-def loop_rounds(opt, setup: Setup, query_side: bool = False, prefix: str = "") -> list[dict]:
+def loop_rounds(config: LoopConfig, setup: Setup, query_side: bool = False, prefix: str = "") -> list[dict]:
     """The rounds of one variant: re-embedding the corpus each round, or (`query_side`)
     training the question side only and searching the index of the starting retriever."""
-    run, passages, splits, n = setup.run, setup.passages, setup.splits, opt.n_context
+    run, passages, splits, n = setup.run, setup.passages, setup.splits, config.n_context
     index = run.run_dir / "retriever_init" / "embeddings" / "passages" if query_side else None
     rounds: list[dict] = []
-    reader, fresh, retriever = opt.reader_model, True, opt.retriever_model
-    for r in range(1, opt.rounds + 1):
+    reader, fresh, retriever = config.reader_model, True, config.retriever_model
+    for r in range(1, config.rounds + 1):
         print(f"\n===== {prefix}round {r} =====", flush=True)
         reader, scored, retriever, retrieved = run_round(
-            run, opt, f"{prefix}round{r}", splits, reader, fresh, retriever, passages, index
+            run, config, f"{prefix}round{r}", splits, reader, fresh, retriever, passages, index
         )
         em = (
             reader_em(scored["dev"], load_questions(splits["dev"])),
             reader_em(scored["test"], setup.test_questions),
         )
-        xattn = xattn_top1(load_questions(scored["test"] / "dataset_wscores.json"), n, opt.seed)
+        xattn = xattn_top1(load_questions(scored["test"] / "dataset_wscores.json"), n, config.seed)
         test_retrieved = load_questions(retrieved["test"], rank=True)
         topk = (setup.first_stage, setup.retriever_init, ctxs_topk(test_retrieved))
         reader_ctxs = setup.first_stage_name if r == 1 else f"round {r - 1}'s distilled retriever"
@@ -362,16 +374,16 @@ def loop_rounds(opt, setup: Setup, query_side: bool = False, prefix: str = "") -
     return rounds
 
 
-def run_loop(opt, setup: Setup | None = None) -> Path:
+def run_loop(config: LoopConfig, setup: Setup | None = None) -> Path:
     """Run the rounds that run_loop.py's options describe; returns the run directory.
     `--query_side both`: the two variants from the same setup, side by side in report.md."""
-    setup = setup or prepare(opt)
-    opt, run = setup.opt, setup.run
-    variants = {"off": [False], "on": [True], "both": [False, True]}[opt.query_side or "off"]
-    results = {qs: loop_rounds(opt, setup, qs, "query_side/" if qs and len(variants) > 1 else "") for qs in variants}
+    setup = setup or prepare(config)
+    config, run = setup.config, setup.run
+    variants = {"off": [False], "on": [True], "both": [False, True]}[config.query_side or "off"]
+    results = {qs: loop_rounds(config, setup, qs, "query_side/" if qs and len(variants) > 1 else "") for qs in variants}
     rounds = results[variants[-1]] if len(variants) == 1 else results[False]
     wall = time.time() - setup.started
-    md = write_report(run.run_dir, opt, rounds, setup.first_stage_name, run.timings, wall)
+    md = write_report(run.run_dir, config, rounds, setup.first_stage_name, run.timings, wall)
     if len(variants) > 1:
         md = write_variants_report(run.run_dir, results[False], results[True], setup.first_stage_name, run.timings)
     print(f"\n{md}\nrun directory (report.md, report.json):", flush=True)
