@@ -25,3 +25,7 @@ class EmbeddingFileError(InputError):
 
 class RunDirectoryBusy(RuntimeError):
     """Another live process holds the run directory."""
+
+
+class NonFiniteLoss(InputError):
+    """Training diverged: the loss stayed inf/NaN (a setting to change, e.g. --precision bf16; not a bug)."""

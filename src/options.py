@@ -23,6 +23,7 @@ from src.corpus.faiss_index import DEFAULT_SUBQUANTIZERS
 from src.corpus.faiss_index import DEFAULTS as INDEX_DEFAULTS
 from src.corpus.faiss_index import KINDS as INDEX_KINDS
 from src.devices import PRECISIONS
+from src.distributed import DEFAULT_TIMEOUT_MINUTES
 from src.files import atomic_write
 from src.reader.scores import SCORE_KINDS
 from src.retriever.losses import LOSSES
@@ -40,6 +41,17 @@ def positive_int(text: str) -> int:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {value}")
+    return value
+
+
+def positive_float(text: str) -> float:
+    """argparse type of durations: a number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
     return value
 
 
@@ -76,7 +88,27 @@ class Options:
         g.add_argument("--per_gpu_batch_size", type=positive_int, default=1, help="batch size per GPU/process")
         g.add_argument("--maxload", type=int, default=-1, help="read at most this many examples (-1: all)")
         g.add_argument("--local_rank", type=int, default=-1, help="set by old launchers; torchrun uses LOCAL_RANK")
-        g.add_argument("--main_port", type=int, default=-1, help="port of the process group under SLURM")
+        g.add_argument(
+            "--main_port",
+            type=int,
+            default=-1,
+            help="rendezvous port of the process group under srun (default: derived from SLURM_JOB_ID, so two jobs "
+            "sharing a node do not collide; torchrun sets its own)",
+        )
+        g.add_argument(
+            "--dist_timeout_minutes",
+            type=positive_float,
+            default=DEFAULT_TIMEOUT_MINUTES,
+            help="a collective of the process group (gradient all-reduce, the ranks' agreements) in which a rank "
+            "waits longer than this fails the run; waits on one rank's long work alone (writing a checkpoint or "
+            "dataset_wscores.json, an extra embedding shard) go through a gloo group with a 24-hour timeout",
+        )
+        g.add_argument(
+            "--no_tf32",
+            action="store_true",
+            help="full float32 matmuls on CUDA (default: TF32 for fp32 matmuls, as fast as bf16 on A100/H100, "
+            "10-bit mantissa products)",
+        )
         g.add_argument("--seed", type=int, default=0, help="random seed")
         g.add_argument("--eval_freq", type=positive_int, default=500, help="evaluate every this many steps")
         g.add_argument("--save_freq", type=positive_int, default=5000, help="save step-N every this many steps")
@@ -86,11 +118,19 @@ class Options:
             choices=list(PRECISIONS),
             default="fp32",
             help="dtype of torch.autocast around the model on --device, the same in every script: fp32 (no "
-            "autocast), bf16 or fp16 (weights stay fp32; training in fp16 on GPU also scales the loss). bf16 "
-            "works on CPUs too; fp16 is meant for GPUs",
+            "autocast), bf16 or fp16 (weights stay fp32; training in fp16 on GPU also scales the loss; T5's "
+            "feed-forward output runs in float32). bf16 is RECOMMENDED for T5 v1.1 / Flan-T5 / t5-large and up "
+            "(their activations overflow fp16); bf16 works on CPUs too; fp16 is meant for GPUs. A run whose loss "
+            "is not finite for several optimizer steps in a row stops",
         )
         g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
-        g.add_argument("--device", type=str, default=None, help="cuda / cpu (default: cuda when available)")
+        g.add_argument(
+            "--device",
+            type=str,
+            default=None,
+            help="cpu, cuda (each process: GPU LOCAL_RANK mod the GPUs it sees) or cuda:N (this GPU) "
+            "(default: cuda when available)",
+        )
 
     def add_reader_options(self) -> None:
         g = self.parser.add_argument_group("reader")

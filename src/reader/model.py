@@ -15,7 +15,7 @@ from transformers.cache_utils import DynamicCache, EncoderDecoderCache
 from transformers.modeling_outputs import BaseModelOutput
 
 from src.modeling import check_model_path, config_model_type
-from src.reader import legacy, packing
+from src.reader import legacy, packing, precision
 from src.reader.packing import EncodedPassages
 
 
@@ -58,6 +58,7 @@ class FiDT5(transformers.T5ForConditionalGeneration):
         super().__init__(config)
         self.packing = packing  # a run-time choice (--no_packing), not saved with the model
         self.variant = ReaderVariant.of(config)
+        precision.keep_wo_in_float32(self)  # fp16 autocast would overflow T5's feed-forward output
         if self.variant.legacy_xattn_bias:
             legacy.enable_legacy_xattn_bias(self)
         if self.variant.legacy_layer_norm:

@@ -174,8 +174,7 @@ class Retriever(transformers.PreTrainedModel):
         """
         B, N, Lp = passage_ids.shape
         question = self.embed_questions(question_ids, question_mask)  # (B, d)
-        passages = self.embed_passages(passage_ids.reshape(B * N, Lp), passage_mask.reshape(B * N, Lp))  # (B·N, d)
-        missing = passage_mask.reshape(B * N, Lp).sum(-1) == 0  # (B·N,)
+        passages, missing = self._embed_present(passage_ids.reshape(B * N, Lp), passage_mask.reshape(B * N, Lp))
         scale = math.sqrt(question.size(-1))
         # Every question against every passage of the batch; its own are the diagonal blocks.
         local_scores = (question @ passages.T).float() / scale  # (B, B·N)
@@ -198,6 +197,18 @@ class Retriever(transformers.PreTrainedModel):
         excluded = (own_fingerprints[:, :, None] == all_fingerprints[None, None, :]).any(dim=1)  # (B, W·B·N)
         excluded |= all_missing[None, :]
         return scores, all_scores.masked_fill(excluded, -math.inf)
+
+    def _embed_present(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B·N, Lp) passages → embeddings (B·N, d) and `missing` (B·N,): a missing passage
+        (all padding) never reaches the encoder as a fully masked row, which some CUDA
+        attention kernels turn into NaN that would flow into the gradients through q·pᵀ
+        although its score is −inf. Its row reads one padding token instead, and its
+        embedding is zero with no gradient: scores and gradients of the others unchanged."""
+        missing = mask.sum(-1) == 0  # (B·N,)
+        substitute = mask.clone()
+        substitute[:, 0] |= missing.to(mask.dtype)
+        passages = self.embed_passages(ids, substitute)  # (B·N, d)
+        return torch.where(missing[:, None], torch.zeros_like(passages), passages), missing
 
 
 def passage_fingerprints(passage_ids: torch.Tensor, passage_mask: torch.Tensor) -> torch.Tensor:
