@@ -81,10 +81,11 @@ class FiDT5(transformers.T5ForConditionalGeneration):
                 "FiDT5 needs the passages' attention_mask with the shape of input_ids (B, N, L); "
                 f"got {None if attention_mask is None else tuple(attention_mask.shape)}"
             )
-        if self.packing and packing.packable(attention_mask):
+        lengths = packing.lengths_if_packable(attention_mask) if self.packing else None
+        if lengths is not None:
             # The legacy bias sees each key's position in the N·L sequence: keep that layout.
             return packing.encode_in_buckets(
-                self.encoder, input_ids, attention_mask, packed=not self.has_legacy_xattn_bias
+                self.encoder, input_ids, attention_mask, packed=not self.has_legacy_xattn_bias, lengths=lengths
             )
         return packing.encode_padded(self.encoder, input_ids, attention_mask)
 
