@@ -15,6 +15,7 @@ import contextlib
 import datetime
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -102,6 +103,9 @@ def slurm_ranks(environ: Mapping[str, str], main_port: int = -1, hostnames=_host
         "WORLD_SIZE": step_tasks,
         "MASTER_PORT": environ.get("MASTER_PORT") or str(job_port(environ.get("SLURM_JOB_ID"), main_port)),
     }
+    per_node = re.match(r"\d+", environ.get("SLURM_STEP_TASKS_PER_NODE", ""))  # "8(x2)": 8 on each of 2 nodes
+    if per_node:
+        env["LOCAL_WORLD_SIZE"] = per_node.group()
     if environ.get("MASTER_ADDR"):
         env["MASTER_ADDR"] = environ["MASTER_ADDR"]
     else:

@@ -20,7 +20,8 @@ from src.train import checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 BATCH = {"SLURM_JOB_ID": "4242", "SLURM_PROCID": "0", "SLURM_LOCALID": "0", "SLURM_NTASKS": "8"}
-STEP = {**BATCH, "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1"}
+STEP = {**BATCH, "SLURM_STEP_ID": "0", "SLURM_STEP_NUM_TASKS": "8", "SLURM_PROCID": "5", "SLURM_LOCALID": "1",
+        "SLURM_STEP_TASKS_PER_NODE": "4(x2)"}  # fmt: skip
 
 
 def test_local_rank_maps_onto_the_visible_gpus():
@@ -54,7 +55,10 @@ def test_srun_tasks_become_ranks_and_a_batch_script_is_one_process():
     assert dist.slurm_ranks(BATCH) is None  # sbatch --ntasks=8, plain python: one process
     assert dist.launched_world_size(BATCH) == 1 and dist.launched_rank(BATCH) == 0
     env = dist.slurm_ranks(STEP, hostnames=lambda nodes: ["node7", "node8"])
-    assert env == {"RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "MASTER_ADDR": "node7", "MASTER_PORT": "19242"}
+    assert env == {
+        "RANK": "5", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "LOCAL_WORLD_SIZE": "4", "MASTER_ADDR": "node7",
+        "MASTER_PORT": "19242",
+    }  # fmt: skip
     assert dist.launched_world_size(STEP) == 8 and dist.launched_rank(STEP) == 5
     # srun -n 2 inside an 8-task allocation: the step's 2 tasks, not the allocation's 8.
     assert dist.slurm_ranks({**STEP, "SLURM_STEP_NUM_TASKS": "2"}, hostnames=lambda n: ["a"])["WORLD_SIZE"] == "2"
