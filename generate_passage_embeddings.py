@@ -17,7 +17,6 @@ refused there). Without torchrun, run one process per shard, --device picking th
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 from tqdm import tqdm
@@ -40,15 +39,12 @@ from src.options import Options
 from src.retriever.task import EncoderChoice, load_retriever
 
 # Shared option groups: accepted (the original's scripts shared them), unused here: no run
-# directory (the shards go to --output_path), no process group flags (torchrun's variables
-# say the rank and the GPU), no randomness, no training, no DataLoader.
+# directory (the shards go to --output_path), no randomness, no training, no DataLoader.
 IGNORED = (
     "name",
     "checkpoint_dir",
     "model_name_or_path",
     "maxload",
-    "local_rank",
-    "main_port",
     "seed",
     "eval_freq",
     "save_freq",
@@ -101,12 +97,21 @@ def main(argv=None) -> None:
         raise DataError("--passages is required (a .tsv with columns id, text, title)")
     if opt.model_path in (None, "none"):
         raise DataError("--model_path is required (a directory saved by train_retriever.py)")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    shard_ids, num_shards = shards_of_process(
-        opt.shard_id, opt.num_shards, int(os.environ.get("RANK", "0")), world_size
-    )
-    if world_size > 1:  # cuda:LOCAL_RANK (CPU without GPUs or with --device cpu)
-        device = dist.init_distributed(opt.device, opt.local_rank, opt.main_port).device
+    # Launch (issue 20): torchrun or the tasks of an srun step, as every script (distributed.py).
+    world_size = dist.launched_world_size()
+    shard_ids, num_shards = shards_of_process(opt.shard_id, opt.num_shards, dist.launched_rank(), world_size)
+    if world_size > 1:  # GPU LOCAL_RANK mod the visible GPUs (CPU without GPUs or with --device cpu)
+        device = dist.init_distributed(
+            opt.device, opt.local_rank, opt.main_port, opt.dist_timeout_minutes, tf32=not opt.no_tf32
+        ).device
+        if num_shards % world_size:  # the final barrier waits on the gloo wait group, not NCCL's watchdog
+            logger.warning(
+                "%d shards on %d processes: some embed one shard more while the others wait; a multiple of %d "
+                "keeps every process busy",
+                num_shards,
+                world_size,
+                world_size,
+            )
     else:
         device = default_device(opt.device)
     precision = resolve_precision(opt.precision, device)

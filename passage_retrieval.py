@@ -23,29 +23,26 @@ recomputes `hasanswer` and top-k accuracy of any retrieval file (ours, DPR's, BM
 from __future__ import annotations
 
 import argparse
-import os
 import signal
 
 from src import distributed as dist
+from src.argparsing import positive_int
 from src.cli import cli, finish, init_logger, warn_ignored
 from src.configs import config_from
 from src.corpus.driver import HeldLog, RetrievalConfig, evaluate, retrieve
 from src.corpus.faiss_index import IndexConfig, unused_index_flags
 from src.devices import default_device
 from src.errors import DataError, InputError
-from src.options import Options, positive_int
+from src.options import Options
 from src.retriever.task import EncoderChoice
 
 # Shared option groups and the original's command lines: accepted, unused here. No run
-# directory (the log goes beside --output_path), no process group flags (torchrun's
-# variables say the rank), no randomness, no training, no DataLoader; passages are
-# embedded by generate_passage_embeddings.py.
+# directory (the log goes beside --output_path), no randomness, no training, no DataLoader;
+# passages are embedded by generate_passage_embeddings.py.
 IGNORED = (
     "name",
     "checkpoint_dir",
     "model_name_or_path",
-    "local_rank",
-    "main_port",
     "seed",
     "eval_freq",
     "save_freq",
@@ -115,8 +112,14 @@ def get_options(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     options, opt = parse_options(argv)
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # cuda:LOCAL_RANK (CPU without GPUs or with --device cpu)
-        runtime = dist.init_distributed(opt.device, opt.local_rank, opt.main_port)
+    # Launch (issue 20): torchrun or the tasks of an srun step, as every script (distributed.py). Only
+    # rank 0 embeds questions on --device; the others search FAISS on the CPU and never touch CUDA.
+    if dist.launched_world_size() > 1:
+        runtime = dist.init_distributed(
+            opt.device, opt.local_rank, opt.main_port, opt.dist_timeout_minutes, not opt.no_tf32, cpu_beyond_main=True
+        )
+        if runtime.is_main:
+            opt.device = str(runtime.device)
     else:
         runtime = dist.Runtime(device=default_device(opt.device))
     config = config_from(RetrievalConfig, opt, index=config_from(IndexConfig, opt))

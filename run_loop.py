@@ -33,8 +33,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from src.argparsing import HelpFormatter
 from src.configs import config_from
-from src.options import HelpFormatter
 from src.reader.scores import SCORE_KINDS
 from src.retriever.losses import LOSSES
 from src.toy.compare import DEFAULT_SIGNALS, run_comparison

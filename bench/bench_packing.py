@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_reader import autocast, build, matmul_peak, sync  # noqa: E402
 
 from src.data.datasets import format_passage, format_question  # noqa: E402
+from src.reader import packing  # noqa: E402
 from src.reader.scores import generate_with_scores  # noqa: E402
 from src.toy.tiny_models import save_tiny_t5  # noqa: E402
 from src.toy.world import make_world  # noqa: E402
@@ -66,6 +67,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--e2e_questions", type=int, default=0, help="also time test_reader.py on this many questions")
     p.add_argument("--e2e_passages", type=int, default=20)
     p.add_argument("--threads", type=int, default=1, help="CPU threads")
+    p.add_argument(
+        "--clock",
+        choices=["auto", "cpu", "wall"],
+        default="auto",
+        help="CPU timing: process CPU time (steadiest on a shared machine, but it sums the threads) or wall "
+        "time; auto: CPU time with 1 thread, wall time with more (what several threads buy is wall time)",
+    )
+    p.add_argument(
+        "--min_bucket_tokens",
+        type=int,
+        default=None,
+        help="packing's floor of padded tokens per encoder call (default: packing.MIN_BUCKET_TOKENS)",
+    )
     return p.parse_args(argv)
 
 
@@ -104,7 +118,8 @@ def make_batch(args, profile: str, N: int):
 def timed(args, runs: dict, repeats: int) -> dict[str, list[float]]:
     """Each callable once to warm up, then `repeats` rounds, interleaved (order reversed
     every other round, so that neither path always runs first)."""
-    clock = time.perf_counter if args.device.startswith("cuda") else time.process_time
+    wall = args.device.startswith("cuda") or args.clock == "wall" or (args.clock == "auto" and args.threads > 1)
+    clock = time.perf_counter if wall else time.process_time
     times = {name: [] for name in runs}
     for r in range(repeats + 1):
         for name, fn in list(runs.items())[:: 1 if r % 2 else -1]:
@@ -281,11 +296,14 @@ def main(argv=None) -> None:
     args.layers = args.layers or (6 if gpu else 2)
     if not gpu:
         torch.set_num_threads(args.threads)
+    if args.min_bucket_tokens is not None:
+        packing.MIN_BUCKET_TOKENS = args.min_bucket_tokens
     name = torch.cuda.get_device_name() if gpu else f"CPU, {torch.get_num_threads()} thread(s)"
     print(
         f"device {args.device} ({name}); T5 d_model {args.d_model}, d_ff {args.d_ff}, heads {args.heads}, "
         f"{args.layers}+{args.layers} layers; batch {args.batch_size}; {args.repeats} interleaved runs per path; "
-        "ratios = padded time / packed time, median (min, max) over the paired runs"
+        "ratios = padded time / packed time, median (min, max) over the paired runs; "
+        f"packing floor {packing.MIN_BUCKET_TOKENS} tokens per encoder call"
     )
     args.n_passages, args.text_maxlength = 1, 1  # for bench_reader.build
     model = build(args)

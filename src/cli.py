@@ -73,9 +73,11 @@ def start_run(
     `ignored`: flags the script accepts (shared option groups) but does not use; each one
     given a non-default value gets a warning (warn_ignored)."""
     run_dir = Path(opt.checkpoint_dir) / opt.name
-    if lock and int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+    if lock and dist.launched_rank() == 0:
         runlock.acquire(run_dir)
-    runtime = dist.init_distributed(opt.device, opt.local_rank, opt.main_port)
+    runtime = dist.init_distributed(
+        opt.device, opt.local_rank, opt.main_port, opt.dist_timeout_minutes, tf32=not opt.no_tf32
+    )
     set_seed(opt.seed + runtime.rank)
     log = init_logger(run_dir, runtime.is_main)
     warn_ignored(opt, options.given, ignored, log)

@@ -51,3 +51,7 @@ USER_PATH_ERRORS: tuple[type[OSError], ...] = (
 def is_bad_input(error: BaseException) -> bool:
     """Whether `error` is reported as bad input (one line, exit 2) rather than as a bug."""
     return isinstance(error, (InputError, RunDirectoryBusy, *USER_PATH_ERRORS))
+
+
+class NonFiniteLoss(InputError):
+    """Training diverged: the loss stayed inf/NaN (a setting to change, e.g. --precision bf16; not a bug)."""

@@ -15,61 +15,15 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from src.argparsing import HelpFormatter, first_paragraph, positive_float, positive_int, shared
 from src.corpus.embeddings import EMBEDDING_DTYPES
 from src.corpus.faiss_index import DEFAULT_SUBQUANTIZERS
 from src.corpus.faiss_index import DEFAULTS as INDEX_DEFAULTS
 from src.corpus.faiss_index import KINDS as INDEX_KINDS
 from src.devices import PRECISIONS
+from src.distributed import DEFAULT_TIMEOUT_MINUTES
 from src.reader.scores import SCORE_KINDS
 from src.retriever.losses import LOSSES
-
-
-def positive_int(text: str) -> int:
-    """argparse type of counts and sizes (batch size, passages, tokens, steps): an integer >= 1.
-    A bad value is an argparse error: one line naming the flag, exit code 2."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer (>= 1), got {value}")
-    return value
-
-
-# Flags that several groups take, declared once; a group adds one by name, in its own words
-# where its meaning there differs (`help=`).
-SHARED_FLAGS: dict[str, dict[str, Any]] = {
-    "train_data": dict(type=str, default="none", help="question file (.json or .jsonl)"),
-    "eval_data": dict(type=str, default="none", help="question file (.json or .jsonl)"),
-    "no_title": dict(action="store_true", help="leave passage titles out of the input"),
-    "n_context": dict(type=positive_int, default=1, help="passages per question"),
-    "passage_maxlength": dict(type=positive_int, default=200, help="max passage tokens"),
-    "question_maxlength": dict(type=positive_int, default=40, help="max question tokens"),
-    "passages": dict(type=str, default=None, help="passages .tsv (id, text, title)"),
-    "extract_cls": dict(action="store_true", help="the original's spelling of --pooling cls"),
-}
-
-
-def shared(group, name: str, **changes: Any) -> None:
-    """Add the shared flag `name` (SHARED_FLAGS) to `group`, with `changes` to its settings."""
-    group.add_argument(f"--{name}", **{**SHARED_FLAGS[name], **changes})
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """--help states each default once. "(default: X)" is appended to a flag with a value; a flag
-    whose default is None says in its own words what happens when it is unset, and a switch
-    (store_true) is off unless given, so neither gets "(default: None)" / "(default: False)"."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)
-
-
-def first_paragraph(doc: str | None) -> str:
-    """A registry entry's docstring as one line of --help: its first paragraph, without the final period."""
-    paragraph = (doc or "").strip().split("\n\n")[0]
-    return " ".join(paragraph.split()).rstrip(".")
 
 
 class Options:
@@ -103,7 +57,27 @@ class Options:
         g.add_argument("--per_gpu_batch_size", type=positive_int, default=1, help="batch size per GPU/process")
         g.add_argument("--maxload", type=int, default=-1, help="read at most this many examples (-1: all)")
         g.add_argument("--local_rank", type=int, default=-1, help="set by old launchers; torchrun uses LOCAL_RANK")
-        g.add_argument("--main_port", type=int, default=-1, help="port of the process group under SLURM")
+        g.add_argument(
+            "--main_port",
+            type=int,
+            default=-1,
+            help="rendezvous port of the process group under srun; -1: derived from SLURM_JOB_ID, so two jobs "
+            "sharing a node do not collide (torchrun sets its own)",
+        )
+        g.add_argument(
+            "--dist_timeout_minutes",
+            type=positive_float,
+            default=DEFAULT_TIMEOUT_MINUTES,
+            help="a collective of the process group (gradient all-reduce, the ranks' agreements) in which a rank "
+            "waits longer than this fails the run; waits on one rank's long work alone (writing a checkpoint or "
+            "dataset_wscores.json, an extra embedding shard) go through a gloo group with a 24-hour timeout",
+        )
+        g.add_argument(
+            "--no_tf32",
+            action="store_true",
+            help="full float32 matmuls on CUDA (default: TF32 for fp32 matmuls, as fast as bf16 on A100/H100, "
+            "10-bit mantissa products)",
+        )
         g.add_argument("--seed", type=int, default=0, help="random seed")
         g.add_argument("--eval_freq", type=positive_int, default=500, help="evaluate every this many steps")
         g.add_argument("--save_freq", type=positive_int, default=5000, help="save step-N every this many steps")
@@ -113,11 +87,19 @@ class Options:
             choices=list(PRECISIONS),
             default="fp32",
             help="dtype of torch.autocast around the model on --device, the same in every script: fp32 (no "
-            "autocast), bf16 or fp16 (weights stay fp32; training in fp16 on GPU also scales the loss). bf16 "
-            "works on CPUs too; fp16 is meant for GPUs",
+            "autocast), bf16 or fp16 (weights stay fp32; training in fp16 on GPU also scales the loss; T5's "
+            "feed-forward output runs in float32). bf16 is RECOMMENDED for T5 v1.1 / Flan-T5 / t5-large and up "
+            "(their activations overflow fp16); bf16 works on CPUs too; fp16 is meant for GPUs. A run whose loss "
+            "is not finite for several optimizer steps in a row stops",
         )
         g.add_argument("--num_workers", type=int, default=0, help="DataLoader worker processes")
-        g.add_argument("--device", type=str, default=None, help="cuda / cpu (unset: cuda when available)")
+        g.add_argument(
+            "--device",
+            type=str,
+            default=None,
+            help="cpu, cuda (each process: GPU LOCAL_RANK mod the GPUs it sees) or cuda:N (this GPU) "
+            "(unset: cuda when available)",
+        )
 
     def add_reader_options(self) -> None:
         g = self.parser.add_argument_group("reader")

@@ -34,7 +34,7 @@ WORDS = "what color does anna boris clara like red blue green yellow question ti
 COMMON = {
     "name", "checkpoint_dir", "model_path", "model_name_or_path", "tokenizer_name_or_path", "per_gpu_batch_size",
     "maxload", "local_rank", "main_port", "seed", "eval_freq", "save_freq", "eval_print_freq", "precision",
-    "num_workers", "device",
+    "num_workers", "device", "dist_timeout_minutes", "no_tf32",
 }  # fmt: skip
 READER = {
     "train_data", "eval_data", "model_size", "use_checkpoint", "text_maxlength", "answer_maxlength", "no_title",
@@ -53,7 +53,10 @@ OPTIM = {
     "scheduler", "weight_decay", "fixed_lr",
 }  # fmt: skip
 EVAL = {"write_results", "write_crossattention_scores", "score_kind"}
-CORPUS_COMMON = {"model_path", "tokenizer_name_or_path", "per_gpu_batch_size", "precision", "device"} | RECIPE
+CORPUS_COMMON = {
+    "model_path", "tokenizer_name_or_path", "per_gpu_batch_size", "precision", "device", "local_rank", "main_port",
+    "dist_timeout_minutes", "no_tf32",
+} | RECIPE  # fmt: skip
 USED = {
     train_reader: COMMON | READER | OPTIM,
     test_reader: COMMON - {"eval_freq", "save_freq", "seed"}
@@ -237,7 +240,7 @@ def test_train_retriever_warns_for_what_its_schedule_does_not_read(world, caplog
 # Every common flag the corpus scripts ignore, the original's shared groups.
 CORPUS_IGNORED = [
     ("--name", "x"), ("--checkpoint_dir", "elsewhere"), ("--model_name_or_path", "bert-base-uncased"),
-    ("--local_rank", "0"), ("--main_port", "1234"), ("--seed", "1"), ("--eval_freq", "1"), ("--save_freq", "1"),
+    ("--seed", "1"), ("--eval_freq", "1"), ("--save_freq", "1"),
     ("--eval_print_freq", "1"), ("--num_workers", "2"),
 ]  # fmt: skip
 EMBEDDING_IGNORED = [*CORPUS_IGNORED, ("--maxload", "3")]

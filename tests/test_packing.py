@@ -22,6 +22,16 @@ EOS = 1
 TOL = dict(atol=1e-5, rtol=1e-5)
 
 
+FLOOR = packing.MIN_BUCKET_TOKENS
+
+
+@pytest.fixture(autouse=True)
+def several_buckets(monkeypatch):
+    """The tiny passages here hold far fewer tokens than a bucket's floor: without it they
+    make several buckets, as real lengths do, so that exactness covers bucket boundaries."""
+    monkeypatch.setattr(packing, "MIN_BUCKET_TOKENS", 0)
+
+
 def tiny_fid(seed: int = 0, **config_kw) -> FiDT5:
     torch.manual_seed(seed)
     return FiDT5(tiny_t5_config(VOCAB, **config_kw)).eval()
@@ -76,7 +86,8 @@ def test_packed_layout_drops_the_padding():
     assert encoded.padded is None and encoded.real.shape[0] == int(mask.sum())  # real tokens only
     enc, layout = encoded.fused()
     totals = mask.sum((1, 2))
-    assert enc.last_hidden_state.shape[1] == int(totals.max()) < mask.shape[1] * mask.shape[2]
+    S = enc.last_hidden_state.shape[1]  # the longest question, aligned to 16
+    assert S == packing._round_up(int(totals.max())) < mask.shape[1] * mask.shape[2] and S % 16 == 0
     assert torch.equal(layout.mask.sum(1), totals)
     for b in range(3):  # passages in order, each one's tokens contiguous
         expected = torch.cat([torch.full((int(n),), j) for j, n in enumerate(mask[b].sum(-1))])
@@ -101,7 +112,7 @@ def test_encoder_states_equal_the_padded_path(data):
 
 def test_buckets_group_by_length_and_skip_missing_passages():
     lengths = torch.tensor([5, 0, 9, 9, 1, 3, 0, 7, 2, 4, 6, 8, 10, 40, 39, 36, 35])
-    buckets = packing.bucket_passages(lengths)
+    buckets = packing.bucket_passages(lengths, min_tokens=0)
     assert len(buckets) == packing.MAX_BUCKETS
     flat = torch.cat(buckets)
     assert sorted(flat.tolist()) == [i for i, n in enumerate(lengths.tolist()) if n > 0]
@@ -130,17 +141,33 @@ def test_each_bucket_is_as_wide_as_its_longest_passage():
     assert buckets == [
         (3, 32, [32, 31, 28]),
         (3, 32, [25, 24, 23]),
-        (16, 24, [17, 16, 15]),
+        (16, 32, [17, 16, 15]),
         (2, 16, [9, 8]),
-        (1, 8, [2]),
-        (1, 8, [1]),
+        (1, 16, [2]),
+        (1, 16, [1]),
     ]
     assert encoded.real.shape[0] == int(mask.sum())  # every real token kept, none cut
 
 
+def test_buckets_keep_a_floor_of_tokens_per_encoder_call():
+    """10 DPR-like passages (~1650 tokens): one call, not 1–3 passages per call; 100 passages:
+    every call holds at least MIN_BUCKET_TOKENS padded tokens, widths aligned to 16."""
+    g = torch.Generator().manual_seed(0)
+    for n, calls in ((10, 1), (100, None)):
+        lengths = (165 + 40 * torch.randn(n, generator=g)).round().clamp(30, 245).long()
+        buckets = packing.bucket_passages(lengths, min_tokens=FLOOR)
+        assert sorted(torch.cat(buckets).tolist()) == list(range(n))
+        if calls is not None:
+            assert len(buckets) == calls
+        for bucket in buckets:
+            assert len(bucket) * packing._round_up(int(lengths[bucket].max())) >= FLOOR
+        assert 1 < len(buckets) <= packing.MAX_BUCKETS or n == 10
+    assert packing._round_up(165) == 176 and packing.ALIGN == 16
+
+
 def test_full_length_passages_are_not_copied():
     model = tiny_fid()
-    ids = torch.randint(3, VOCAB, (2, 3, 8))
+    ids = torch.randint(3, VOCAB, (2, 2, 8))  # 16 tokens per question: aligned already
     mask = torch.ones_like(ids)
     encoded = model.encode(ids, mask)
     enc, layout = encoded.fused()

@@ -16,7 +16,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from src.errors import ModelPathError
 from src.modeling import check_model_path, config_model_type, loading
-from src.reader import legacy, packing
+from src.reader import legacy, packing, precision
 from src.reader.packing import EncodedPassages
 
 
@@ -59,6 +59,7 @@ class FiDT5(transformers.T5ForConditionalGeneration):
         super().__init__(config)
         self.packing = packing  # a run-time choice (--no_packing), not saved with the model
         self.variant = ReaderVariant.of(config)
+        precision.keep_wo_in_float32(self)  # fp16 autocast would overflow T5's feed-forward output
         if self.variant.legacy_xattn_bias:
             legacy.enable_legacy_xattn_bias(self)
         if self.variant.legacy_layer_norm:
@@ -81,10 +82,11 @@ class FiDT5(transformers.T5ForConditionalGeneration):
                 "FiDT5 needs the passages' attention_mask with the shape of input_ids (B, N, L); "
                 f"got {None if attention_mask is None else tuple(attention_mask.shape)}"
             )
-        if self.packing and packing.packable(attention_mask):
+        lengths = packing.lengths_if_packable(attention_mask) if self.packing else None
+        if lengths is not None:
             # The legacy bias sees each key's position in the N·L sequence: keep that layout.
             return packing.encode_in_buckets(
-                self.encoder, input_ids, attention_mask, packed=not self.has_legacy_xattn_bias
+                self.encoder, input_ids, attention_mask, packed=not self.has_legacy_xattn_bias, lengths=lengths
             )
         return packing.encode_padded(self.encoder, input_ids, attention_mask)
 

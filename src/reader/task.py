@@ -133,12 +133,15 @@ def generate_answers(
                 )
             else:
                 generated = model.generate(input_ids=context_ids, attention_mask=context_mask, **kwargs)
+        # One copy to the host per batch, not a read per example.
+        generated = generated.cpu()
+        scores = scores.float().cpu() if with_scores else None
         for b, idx in enumerate(index.tolist()):
             answer = tokenizer.decode(generated[b], skip_special_tokens=True, clean_up_tokenization_spaces=True)
             result = {"index": idx, "answer": answer.strip()}
             if with_scores:
-                n_real = int(context_mask[b].any(-1).sum())  # passages that exist (not padding)
-                result["scores"] = scores[b, :n_real].float().tolist()
+                n_real = int(batch.context_mask[b].any(-1).sum())  # passages that exist (not padding; CPU)
+                result["scores"] = scores[b, :n_real].tolist()
             results.append(result)
         n_passages += count_passages(batch)
         rate = _throughput(len(results), n_passages, time.perf_counter() - t0)

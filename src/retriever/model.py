@@ -324,10 +324,11 @@ class Retriever(transformers.PreTrainedModel):
         if embed is not None:
             if embed == "questions":
                 return self.embed_questions(question_ids, question_mask)
-            return self.embed_passages(question_ids, question_mask)
+            return self._embed_present(question_ids, question_mask)[0]
         B, N, Lp = passage_ids.shape
         question = self.embed_questions(question_ids, question_mask)  # (B, d)
-        passages = self.embed_passages(passage_ids.reshape(B * N, Lp), passage_mask.reshape(B * N, Lp))  # (B·N, d)
+        # (B·N, d); a missing passage is never a fully masked row in the encoder (_embed_present)
+        passages, _ = self._embed_present(passage_ids.reshape(B * N, Lp), passage_mask.reshape(B * N, Lp))
         return self.scores(question, passages, passage_ids, passage_mask, in_batch_negatives)
 
     def scores(
@@ -363,6 +364,18 @@ class Retriever(transformers.PreTrainedModel):
         excluded = (own_fingerprints[:, :, None] == all_fingerprints[None, None, :]).any(dim=1)  # (B, W·B·N)
         excluded |= all_missing[None, :]
         return scores, all_scores.masked_fill(excluded, -math.inf)
+
+    def _embed_present(self, ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B·N, Lp) passages → embeddings (B·N, d) and `missing` (B·N,): a missing passage
+        (all padding) never reaches the encoder as a fully masked row, which some CUDA
+        attention kernels turn into NaN that would flow into the gradients through q·pᵀ
+        although its score is −inf. Its row reads one padding token instead, and its
+        embedding is zero with no gradient: scores and gradients of the others unchanged."""
+        missing = mask.sum(-1) == 0  # (B·N,)
+        substitute = mask.clone()
+        substitute[:, 0] |= missing.to(mask.dtype)
+        passages = self.embed_passages(ids, substitute)  # (B·N, d)
+        return torch.where(missing[:, None], torch.zeros_like(passages), passages), missing
 
 
 def passage_fingerprints(passage_ids: torch.Tensor, passage_mask: torch.Tensor) -> torch.Tensor:

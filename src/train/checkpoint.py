@@ -33,6 +33,10 @@ logger = logging.getLogger("fid")
 STATE_FILE = "training_state.pt"
 
 
+class ResumeMismatch(InputError):
+    """The ranks disagree about the checkpoint to resume (their views of the run directory differ)."""
+
+
 def checkpoint_root(run_dir: str | Path) -> Path:
     return Path(run_dir) / "checkpoint"
 
@@ -61,7 +65,7 @@ def rng_state() -> dict[str, Any]:
         ),  # gloo cannot gather uint32
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available():
+    if torch.cuda.is_initialized():  # only a run that uses CUDA: `--device cpu` never touches it
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
@@ -71,7 +75,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
     kind, keys, *rest = state["numpy"]
     np.random.set_state((kind, keys.numpy().astype(np.uint32), *rest))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
+    if "cuda" in state and torch.cuda.is_initialized():
         torch.cuda.set_rng_state(state["cuda"])
 
 
@@ -187,12 +191,43 @@ def start_point(
     the run's checkpoints will be overwritten). Rerunning the same command, e.g. after a
     SLURM requeue, therefore always resumes. A fresh run starts from `--model_path`, else
     `--model_name_or_path`, else `default_model`.
+
+    Decided once, by rank 0, and followed by every rank: ranks on nodes whose views of a
+    shared file system differ for a moment would otherwise resume at different steps and
+    hang in mismatched collectives. A rank that cannot see rank 0's checkpoint stops, and
+    so do all the others, with an error naming it.
     """
+    decided = _decide_start(run_dir, model_path, model_name_or_path, default_model) if dist.is_main() else None
+    weights, resume = dist.broadcast_from_main(decided)
+    resume = None if resume is None else Path(resume)
+    seen = dist.gather_objects(resume is None or resolve(resume) == resume)
+    missing = [rank for rank, ok in enumerate(seen) if not ok]
+    if missing:
+        raise ResumeMismatch(
+            f"rank 0 resumes from {resume}, but rank(s) {missing} cannot read it there: every rank must see the "
+            "run directory (a shared file system, in sync); stopping all ranks"
+        )
+    return weights, resume
+
+
+def agree_on_step(step: int, resume_dir: Path | None) -> None:
+    """Every rank loaded the same step from `resume_dir`, or every rank stops with the mismatch."""
+    steps = dist.gather_objects(int(step))
+    if len(set(steps)) > 1:
+        raise ResumeMismatch(
+            f"the ranks read different steps from {resume_dir}: {dict(enumerate(steps))} (rank: step); the "
+            "checkpoint changed while they read it, or their file systems differ; stopping all ranks"
+        )
+
+
+def _decide_start(
+    run_dir: str | Path, model_path: str, model_name_or_path: str | None, default_model: str
+) -> tuple[str, str | None]:
     resume = latest(run_dir)
     if resume is not None:
         started_from = saved_options(resume).get("model_path", "none")
         if model_path in ("none", started_from):
-            return str(resume), resume
+            return str(resume), str(resume)
         logger.warning(
             "%s holds a run started from %s; --model_path %s starts over from those weights and "
             "overwrites its checkpoints",

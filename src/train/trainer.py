@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 from src import distributed as dist
 from src.devices import precision_autocast
 from src.distributed import Runtime
-from src.errors import InputError
+from src.errors import InputError, NonFiniteLoss
 from src.train import checkpoint, runlock
 from src.train.config import TrainConfig
 from src.train.optim import set_optim
@@ -76,10 +76,15 @@ class Task:
     backward: Callable[[torch.nn.Module, Any, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor] | None = None
 
 
-def _interrupted(runtime: Runtime) -> bool:
-    """SIGTERM seen by any rank (all ranks must stop at the same step: DDP would hang)."""
-    flag = dist.INTERRUPTED["signal"] is not None
-    return dist.any_over_ranks(flag) if runtime.is_distributed else flag
+# The host reads the device only at these points, never every step (a read waits for the
+# GPU to finish, and it then idles while the next step is queued): the progress bar's loss
+# every PROGRESS_EVERY batches, the ranks' agreement on signals and non-finite losses every
+# CHECK_EVERY optimizer steps (and at every save and evaluation).
+PROGRESS_EVERY = 25
+CHECK_EVERY = 8
+# A loss that is not finite for this many optimizer steps in a row stops the run: under
+# fp16 the GradScaler would skip every step and training would stall silently.
+NONFINITE_STEPS = 3
 
 
 def _is_better(value: float, best: float | None, higher_is_better: bool) -> bool:
@@ -136,6 +141,8 @@ class Trainer:
         if resume_dir is not None:
             state = checkpoint.load_training_state(resume_dir, self.optimizer, self.scheduler, strategy, self.model)
             logger.info("resumed at step %d (best dev %s %s)", state["step"], task.metric, state["best_metric"])
+        if runtime.is_distributed:
+            checkpoint.agree_on_step(state["step"], resume_dir)
         self.step: int = state["step"]
         self.best: float | None = state["best_metric"]
         self.use_scaler = config.precision == "fp16" and runtime.device.type == "cuda"
@@ -143,7 +150,12 @@ class Trainer:
         if self.use_scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.accumulation = max(1, config.accumulation_steps)
-        self.running_loss, self.running_count = 0.0, 0
+        self.running_loss, self.running_count = torch.zeros((), dtype=torch.float64, device=runtime.device), 0
+        # Optimizer steps in a row whose loss was not finite (device scalars: read at check points).
+        self.nonfinite_run = torch.zeros((), dtype=torch.long, device=runtime.device)
+        self.nonfinite_worst = torch.zeros_like(self.nonfinite_run)
+        self.cycle_nonfinite = torch.zeros((), dtype=torch.bool, device=runtime.device)
+        self.cycles = 0
         self.running_passages = 0  # since the last evaluation, this process
         self.need_latest = self.pending_step_save = False
         self.tb = None
@@ -218,14 +230,22 @@ class Trainer:
             self.scaler.update()
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
-        self.running_loss += loss.item()
+        loss = loss.detach()
+        self.running_loss += loss.double()  # the same float64 sum as adding loss.item()s
         self.running_count += 1
+        self.cycle_nonfinite |= ~torch.isfinite(loss)
+        if sync:
+            self.nonfinite_run = torch.where(self.cycle_nonfinite, self.nonfinite_run + 1, 0)
+            self.nonfinite_worst = torch.maximum(self.nonfinite_worst, self.nonfinite_run)
+            self.cycle_nonfinite = torch.zeros_like(self.cycle_nonfinite)
         self.bar.update(1)
-        postfix = {"loss": f"{loss.item():.4f}", "lr": f"{self.scheduler.get_last_lr()[0]:.2e}"}
         if self.task.count_passages is not None:
             self.running_passages += self.task.count_passages(batch)
-            postfix["passages/s"] = f"{self.running_passages / max(time.time() - self.t0, 1e-9):.3g}"
-        self.bar.set_postfix(postfix)
+        if self.runtime.is_main and (self.step % PROGRESS_EVERY == 0 or self.step == cfg.total_steps):
+            postfix = {"loss": f"{loss.item():.4f}", "lr": f"{self.scheduler.get_last_lr()[0]:.2e}"}
+            if self.task.count_passages is not None:
+                postfix["passages/s"] = f"{self.running_passages / max(time.time() - self.t0, 1e-9):.3g}"
+            self.bar.set_postfix(postfix)
         if self.step % cfg.eval_freq == 0 or self.step == cfg.total_steps:
             self._evaluate()
         if self.step % cfg.save_freq == 0:
@@ -236,19 +256,32 @@ class Trainer:
     def _at_cycle_end(self) -> None:
         """Saves and stops, all at the end of an accumulation cycle."""
         cfg, runtime = self.config, self.runtime
+        synced = self.pending_step_save or self.need_latest  # a save: the ranks wait for each other anyway
         if self.pending_step_save:
             self._save(f"step-{self.step}")
             self.pending_step_save, self.need_latest = False, True
         if self.need_latest:
             self._save("latest")
             self.need_latest = False
-        if "SLURM_JOB_ID" in os.environ and dist.any_over_ranks(dist.PREEMPTED["flag"]):
+        self.cycles += 1
+        checkpoint_due = synced or self.cycles % CHECK_EVERY == 0 or self.step >= cfg.total_steps
+        if runtime.is_distributed and not checkpoint_due:
+            return  # the ranks must stop at the same step: they agree only at check points
+        terminated, preempted, nonfinite = self._flags(check_loss=checkpoint_due)
+        if nonfinite:
+            raise NonFiniteLoss(
+                f"the training loss was not finite for {NONFINITE_STEPS} or more optimizer steps in a row (seen at "
+                f"step {self.step}, precision {cfg.precision}); checkpoints saved so far are in "
+                f"{checkpoint.checkpoint_root(self.run_dir)}. With fp16 T5's activations overflow "
+                "(T5 v1.1, Flan-T5, t5-large and up): use --precision bf16 (or fp32); else lower --lr"
+            )
+        if preempted:
             self._save("latest")
             if runtime.is_main:
                 dist.requeue_slurm_job()
             self.logger.warning("preempted at step %d: saved latest, exiting", self.step)
             sys.exit(0)
-        if _interrupted(runtime) and self.step < cfg.total_steps:
+        if terminated and self.step < cfg.total_steps:
             self._save("latest")
             self.logger.warning(
                 "interrupted at step %d/%d: saved %s; run the same command to resume",
@@ -260,10 +293,25 @@ class Trainer:
             runlock.release()
             sys.exit(dist.EXIT_INTERRUPTED)
 
+    def _flags(self, check_loss: bool) -> tuple[bool, bool, bool]:
+        """(SIGTERM, SIGUSR1 under SLURM, a non-finite run of NONFINITE_STEPS) seen by any
+        rank: one all-reduce when distributed. The loss is read from the device only when
+        `check_loss` (single process: the signals are checked every cycle, for free)."""
+        flags = [
+            float(dist.INTERRUPTED["signal"] is not None),
+            float("SLURM_JOB_ID" in os.environ and dist.PREEMPTED["flag"]),
+            float(check_loss and int(self.nonfinite_worst) >= NONFINITE_STEPS),
+        ]
+        if self.runtime.is_distributed:
+            flags = dist.sum_over_ranks(flags)
+        return flags[0] > 0, flags[1] > 0, flags[2] > 0
+
     def _evaluate(self) -> None:
         cfg, runtime, step = self.config, self.runtime, self.step
-        train_loss, _ = dist.weighted_average(self.running_loss / max(1, self.running_count), self.running_count)
-        steps_done, self.running_loss, self.running_count = self.running_count, 0.0, 0
+        running = float(self.running_loss)  # the one read of the losses per evaluation
+        train_loss, _ = dist.weighted_average(running / max(1, self.running_count), self.running_count)
+        steps_done, self.running_count = self.running_count, 0
+        self.running_loss = torch.zeros_like(self.running_loss)
         lr = self.scheduler.get_last_lr()[0]
         elapsed = time.time() - self.t0
         # Evaluation must not move the random state dropout draws from (a DataLoader alone
