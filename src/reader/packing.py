@@ -155,9 +155,9 @@ def encode_padded(encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return EncodedPassages(attention_mask, padded=states.last_hidden_state)
 
 
-def bucket_passages(lengths: torch.Tensor) -> list[torch.Tensor]:
+def bucket_passages(lengths: torch.Tensor, max_buckets: int = MAX_BUCKETS) -> list[torch.Tensor]:
     """Flat passage indices grouped into buckets of similar length, longest first: a bucket
-    takes passages down to (1 − BUCKET_SLACK) × its longest, at most MAX_BUCKETS buckets
+    takes passages down to (1 − BUCKET_SLACK) × its longest, at most `max_buckets` buckets
     (the last takes the rest). Passages of one length make one bucket, so there is no
     extra encoder call when nothing is padded. Passages without tokens are in none."""
     order = torch.argsort(lengths, descending=True, stable=True)
@@ -167,7 +167,7 @@ def bucket_passages(lengths: torch.Tensor) -> list[torch.Tensor]:
     while start < n_real:
         floor = sorted_lengths[start] * (1 - BUCKET_SLACK)
         end = start + 1
-        if len(buckets) == MAX_BUCKETS - 1:
+        if len(buckets) == max_buckets - 1:
             end = n_real
         while end < n_real and sorted_lengths[end] >= floor:
             end += 1
@@ -177,7 +177,7 @@ def bucket_passages(lengths: torch.Tensor) -> list[torch.Tensor]:
 
 
 def encode_in_buckets(
-    encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor, packed: bool = True
+    encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor, packed: bool = True, buckets: int = MAX_BUCKETS
 ) -> EncodedPassages:
     """The encoder over length buckets of the (B, N, L) passages: only real tokens kept.
 
@@ -189,7 +189,7 @@ def encode_in_buckets(
     lengths = mask.sum(-1)  # (B·N,)
     positions = torch.arange(L, device=ids.device)
     real, passage, token = [], [], []
-    for idx in bucket_passages(lengths):
+    for idx in bucket_passages(lengths, buckets):
         width = min(L, _round_up(int(lengths[idx[0]])))  # idx[0]: the bucket's longest
         bucket_mask = mask[idx, :width]  # (n, width)
         states = encoder(input_ids=ids[idx, :width], attention_mask=bucket_mask).last_hidden_state  # (n, width, d)
