@@ -18,7 +18,7 @@ from src.data.datasets import RetrieverCollator, RetrieverDataset
 from src.devices import precision_autocast
 from src.distributed import Runtime
 from src.metrics import per_question_ranking_metrics
-from src.modeling import check_model_path
+from src.modeling import check_model_path, has_sharded_weights, has_weights
 from src.retriever.losses import get_loss
 from src.retriever.model import Retriever, RetrieverConfig, is_saved_retriever
 from src.train.trainer import Task
@@ -82,7 +82,9 @@ def load_retriever(
     check_model_path(model_dir, "retriever")
     if os.path.isdir(model_dir) and not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise FileNotFoundError(f"{model_dir}: no config.json, not a retriever or encoder (BERT-like) directory")
-    if is_saved_retriever(model_dir):
+    if is_saved_retriever(model_dir) and has_sharded_weights(model_dir) and not has_weights(model_dir):
+        retriever = Retriever(RetrieverConfig.from_pretrained(model_dir))  # a --fsdp latest: shards load later
+    elif is_saved_retriever(model_dir):
         retriever = Retriever.from_pretrained(model_dir, dtype=torch.float32)
         _warn_if_options_differ(retriever.config, choice, model_dir, log)
     else:
