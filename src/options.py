@@ -165,7 +165,7 @@ class Options:
             "--fsdp",
             action="store_true",
             help="shard parameters, gradients and optimizer state over the processes (FSDP2, one unit per "
-            "transformer block); checkpoints in shards, best_dev/step-N also consolidated (README \"Sharded training\")",
+            'transformer block); checkpoints in shards, best_dev/step-N also consolidated (README "Sharded training")',
         )
         g.add_argument(
             "--dropout",

@@ -21,7 +21,7 @@ from src.distributed import Runtime
 from src.modeling import SHARDED_DIR
 from src.reader.model import FiDT5, load_reader_model
 from src.retriever.model import Retriever
-from src.toy.tiny_models import save_tiny_t5, tiny_bert_config, tiny_t5_config
+from src.toy.tiny_models import save_tiny_bert, save_tiny_t5, tiny_bert_config, tiny_t5_config
 from src.train import checkpoint
 from src.train.fsdp import FullySharded, sharding_units
 
@@ -115,8 +115,9 @@ def test_fsdp_equals_ddp_and_resumes_exactly(world):
                 for line in (world[0] / "runs/fsdp/run.log").read_text().splitlines() if "| dev" in line]  # fmt: skip
     assert dev == dev_fsdp and len(dev) == 2
 
-    torchrun(args(world, "resumed", 4, "--fsdp"))
-    proc = torchrun(args(world, "resumed", 6, "--fsdp"))
+    # Activation checkpointing changes nothing either (dropout's RNG is replayed).
+    torchrun(args(world, "resumed", 4, "--fsdp", "--use_checkpoint"))
+    proc = torchrun(args(world, "resumed", 6, "--fsdp", "--use_checkpoint"))
     assert "resuming" in proc.stdout + proc.stderr
     assert max_difference(weights(world, "resumed", "step-6"), fsdp) <= 1e-6
 
@@ -203,3 +204,24 @@ def test_retriever_units_are_its_encoder_layers():
 
     retriever = Retriever(RetrieverConfig(encoder=tiny_bert_config(30, layers=3).to_dict(), indexing_dimension=8))
     assert [type(m).__name__ for m in sharding_units(retriever)] == ["BertLayer"] * 3
+
+
+@pytest.mark.slow
+def test_retriever_fsdp_equals_ddp(world, tmp_path):
+    """train_retriever.py --fsdp (BERT layers sharded; the encoder runs twice a step, for
+    questions and passages) gives DDP's weights, with accumulation, clipping and eval."""
+    root, _ = world
+    bert = save_tiny_bert(tmp_path / "bert", [" ".join(NAMES + COLORS), "question: title: context: what does ?"])
+
+    def retriever_args(name: str, *extra: str) -> list[str]:
+        return [
+            "--train_data", str(root / "train.json"), "--eval_data", str(root / "dev.json"),
+            "--model_name_or_path", str(bert), "--checkpoint_dir", str(root / "runs"), "--name", name,
+            "--n_context", "2", "--question_maxlength", "8", "--passage_maxlength", "12", "--indexing_dimension", "8",
+            "--per_gpu_batch_size", "2", "--lr", "3e-3", "--dropout", "0.0", "--device", "cpu", "--clip", "0.05",
+            "--accumulation_steps", "2", "--eval_freq", "3", "--save_freq", "4", "--total_steps", "4", *extra,
+        ]  # fmt: skip
+
+    torchrun(retriever_args("r_ddp"), "train_retriever.py")
+    torchrun(retriever_args("r_fsdp", "--fsdp"), "train_retriever.py")
+    assert max_difference(weights(world, "r_ddp", "step-4"), weights(world, "r_fsdp", "step-4")) <= 1e-5

@@ -33,6 +33,7 @@ from torch.distributed.checkpoint.state_dict import (
     get_state_dict,
     set_state_dict,
 )
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
 
 from src.distributed import Runtime
@@ -71,9 +72,12 @@ class FullySharded:
         units = sharding_units(model)
         if not units:
             raise ValueError(f"--fsdp: found no transformer blocks to shard in {type(model).__name__}")
+        # fully_shard moves each unit to the mesh's device as it shards it: a model still
+        # on the CPU never needs the whole of it on one GPU.
+        mesh = init_device_mesh(self.runtime.device.type, (self.runtime.world_size,))
         for block in units:
-            fully_shard(block)
-        fully_shard(model)  # the root: embeddings, norms, LM head
+            fully_shard(block, mesh=mesh)
+        fully_shard(model, mesh=mesh)  # the root: embeddings, norms, LM head
         return model
 
     def unwrap(self, wrapped: torch.nn.Module) -> torch.nn.Module:
