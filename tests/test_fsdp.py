@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 from src.distributed import Runtime
 from src.modeling import SHARDED_DIR
 from src.reader.model import FiDT5, load_reader_model
-from src.retriever.model import Retriever
+from src.retriever.model import Retriever, RetrieverConfig
 from src.toy.tiny_models import save_tiny_bert, save_tiny_t5, tiny_bert_config, tiny_t5_config
 from src.train import checkpoint
 from src.train.fsdp import FullySharded, sharding_units
@@ -122,25 +122,44 @@ def test_fsdp_equals_ddp_and_resumes_exactly(world):
     assert max_difference(weights(world, "resumed", "step-6"), fsdp) <= 1e-6
 
 
+IDS = torch.randint(3, 20, (2, 2, 6), generator=torch.Generator().manual_seed(0))
+
+
+def _sharded_answers(rank: int, best: str, port: int, out: str) -> None:
+    """The sharded model of `best` (2 ranks, weights and optimizer from its shards, random
+    weights before) answering under FullySharded.evaluating; rank r answers question r."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    strategy = FullySharded(Runtime(rank=rank, world_size=2))
+    config = load_reader_model(best).config
+    wrapped = strategy.wrap(type(load_reader_model(best))(config))
+    optimizer = torch.optim.AdamW(wrapped.parameters())
+    state = torch.load(Path(best) / checkpoint.STATE_FILE, weights_only=True)
+    strategy.load(Path(best), wrapped, optimizer, state)
+    with strategy.evaluating(wrapped):
+        wrapped.eval()
+        answers = wrapped.generate(IDS[rank : rank + 1], torch.ones_like(IDS[rank : rank + 1]), max_length=5)
+    torch.save(answers, f"{out}.{rank}")
+    dist.destroy_process_group()
+
+
 @pytest.mark.slow
-def test_consolidated_best_dev_answers_like_the_sharded_model(world):
-    """The consolidated best_dev, loaded in one process, gives the answers of test_reader.py on 2
-    processes and of the sharded shards loaded into the same architecture."""
-    root = world[0]
-    best = root / "runs/fsdp/checkpoint/best_dev"
+def test_consolidated_best_dev_answers_like_the_sharded_model(world, tmp_path):
+    """The consolidated best_dev loaded in one process = its shards (read in one process), and
+    answers as the sharded model does on 2 ranks."""
+    best = world[0] / "runs/fsdp/checkpoint/best_dev"
     if not best.exists():
         torchrun(args(world, "fsdp", 6, "--fsdp"))
-    model = load_reader_model(best).eval()
-    sharded = load_reader_model(root / "runs/fsdp/checkpoint/step-6").eval()
-    state = {"model": {k: torch.empty_like(v) for k, v in sharded.state_dict().items()}}
-    dcp.load(state, checkpoint_id=str(root / "runs/fsdp/checkpoint/step-6" / SHARDED_DIR))
-    for name, tensor in sharded.state_dict().items():
-        assert torch.equal(state["model"][name], tensor), name  # shards = consolidated copy
-    ids = torch.randint(3, 20, (2, 2, 6))
-    mask = torch.ones_like(ids)
-    a = model.generate(ids, mask, max_length=5)
-    model.load_state_dict(state["model"])
-    torch.testing.assert_close(model.generate(ids, mask, max_length=5), a)
+    model = load_reader_model(best).eval()  # consolidated: a plain save_pretrained reader
+    shards = {"model": {k: torch.empty_like(v) for k, v in model.state_dict().items()}}
+    dcp.load(shards, checkpoint_id=str(best / SHARDED_DIR))
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(shards["model"][name], tensor), name
+    mp.spawn(_sharded_answers, args=(str(best), free_port(), str(tmp_path / "answers")), nprocs=2, join=True)
+    for rank in (0, 1):
+        alone = model.generate(IDS[rank : rank + 1], torch.ones_like(IDS[rank : rank + 1]), max_length=5)
+        assert torch.equal(torch.load(tmp_path / f"answers.{rank}", weights_only=True), alone)
 
 
 # ---------------------------------------------------------------------------
@@ -200,8 +219,6 @@ def test_sigkill_during_a_sharded_save_leaves_a_loadable_latest(tmp_path):
 
 
 def test_retriever_units_are_its_encoder_layers():
-    from src.retriever.model import RetrieverConfig
-
     retriever = Retriever(RetrieverConfig(encoder=tiny_bert_config(30, layers=3).to_dict(), indexing_dimension=8))
     assert [type(m).__name__ for m in sharding_units(retriever)] == ["BertLayer"] * 3
 

@@ -181,6 +181,10 @@ class FiDReader:
             input_ids = None  # generate takes the batch size from the encoder states
         if max_length is not None:
             kwargs["max_length"] = max_length
+        # transformers turns synced_gpus on for FSDP modules (each step waits for every rank);
+        # evaluation under --fsdp gathers every unit first (src/train/fsdp.py), so ranks
+        # generate on their own.
+        kwargs.setdefault("synced_gpus", False)
         start = self.config.decoder_start_token_id
         kwargs.setdefault("decoder_start_token_id", self.config.pad_token_id if start is None else start)
         generation_config = kwargs.get("generation_config") or self.generation_config

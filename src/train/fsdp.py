@@ -30,11 +30,13 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, fully_shard
+from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
 
 from src.distributed import Runtime
 from src.errors import InputError
@@ -96,14 +98,16 @@ class FullySharded:
 
     def grad_scaler(self, enabled: bool):
         """fp16 on CUDA: found-inf agreed over the ranks, so that all skip a step or none does."""
-        from torch.distributed.fsdp.sharded_grad_scaler import ShardedGradScaler
-
         return ShardedGradScaler("cuda", enabled=enabled)
 
     @contextlib.contextmanager
     def evaluating(self, wrapped: torch.nn.Module):
         """Every unit gathered for the whole evaluation, so that forward needs no collective
         and ranks may run different numbers of batches and decoding steps; resharded after."""
+        # FSDP2 takes the first module to run forward as the root: evaluation may start in a
+        # block (the reader encodes before generating), so set the real root up first (no
+        # public call for this; a training forward would do it).
+        wrapped._get_fsdp_state()._lazy_init()
         units = [m for m in wrapped.modules() if isinstance(m, FSDPModule)]
         for unit in units:
             unit.unshard()
@@ -120,8 +124,10 @@ class FullySharded:
     ) -> dict[str, Any]:
         """Collective: every rank writes its shards of model and optimizer; with `consolidated`
         the full model is gathered (to CPU, rank 0 only) and saved as a plain reader."""
-        model_state, optim_state = get_state_dict(wrapped, optimizer)
-        dcp.save({"model": model_state, "optimizer": optim_state}, checkpoint_id=str(directory / SHARDED_DIR))
+        state = {"model": get_model_state_dict(wrapped)}
+        if optimizer.state:  # before the first step there is none (and asking for it would make one)
+            state["optimizer"] = get_optimizer_state_dict(wrapped, optimizer)
+        dcp.save(state, checkpoint_id=str(directory / SHARDED_DIR))
         full = None
         if consolidated:
             options = StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -129,19 +135,25 @@ class FullySharded:
         if not self.runtime.is_main:
             return {}
         if full is not None:
-            wrapped.save_pretrained(directory, state_dict=full)
+            # One entry per tensor, as save_pretrained of the plain model writes: tied names
+            # (the embeddings T5 shares) come back from the gather as separate copies.
+            names = {n for n, _ in wrapped.named_parameters()} | {n for n, _ in wrapped.named_buffers()}
+            wrapped.save_pretrained(directory, state_dict={k: v for k, v in full.items() if k in names})
         wrapped.config.architectures = [plain_class(wrapped).__name__]
         wrapped.config.save_pretrained(directory)  # the architecture: a resume builds the model from it
-        return {"sharded": SHARDED_DIR}
+        return {"sharded": SHARDED_DIR, "sharded_optimizer": "optimizer" in state}
 
     def load(self, directory: Path, wrapped: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
         """Model and optimizer from the shards (the model was built from the config only)."""
         if not state.get("sharded"):
             raise InputError(f"{directory}: saved without --fsdp; resume it without --fsdp (or start a new run)")
-        model_state, optim_state = get_state_dict(wrapped, optimizer)
-        both = {"model": model_state, "optimizer": optim_state}
+        both = {"model": get_model_state_dict(wrapped)}
+        if state.get("sharded_optimizer"):
+            both["optimizer"] = get_optimizer_state_dict(wrapped, optimizer)
         dcp.load(both, checkpoint_id=str(Path(directory) / state["sharded"]))
-        set_state_dict(wrapped, optimizer, model_state_dict=both["model"], optim_state_dict=both["optimizer"])
+        set_model_state_dict(wrapped, both["model"])
+        if "optimizer" in both:
+            set_optimizer_state_dict(wrapped, optimizer, both["optimizer"])
 
 
 def training_strategy(fsdp: bool, runtime: Runtime, logger) -> FullySharded | DataParallel:
