@@ -45,7 +45,7 @@ RETRIEVER = {
     "temperature_score", "in_batch_negatives", "retriever_loss",
 }  # fmt: skip
 OPTIM = {
-    "warmup_steps", "total_steps", "scheduler_steps", "accumulation_steps", "dropout", "lr", "clip", "optim",
+    "warmup_steps", "total_steps", "scheduler_steps", "accumulation_steps", "fsdp", "dropout", "lr", "clip", "optim",
     "scheduler", "weight_decay", "fixed_lr",
 }  # fmt: skip
 EVAL = {"write_results", "write_crossattention_scores", "score_kind"}
