@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
@@ -59,6 +60,18 @@ def sharding_units(model: torch.nn.Module) -> list[torch.nn.Module]:
     ]
 
 
+@torch.no_grad()
+def same_on_every_rank(model: torch.nn.Module, device: torch.device) -> None:
+    """Rank 0's parameters and buffers everywhere, as DDP does when it wraps: each rank
+    keeps only its shard of what it holds, so weights initialised at random (a new
+    retriever's projection) must agree first. One tensor at a time through `device`
+    (NCCL broadcasts CUDA tensors only)."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        staged = tensor.detach().to(device)
+        dist.broadcast(staged, src=0)
+        tensor.copy_(staged)
+
+
 def plain_class(module: torch.nn.Module) -> type:
     """The model's own class (fully_shard makes it a subclass of FSDPModule and it)."""
     return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
@@ -76,6 +89,7 @@ class FullySharded:
             raise ValueError(f"--fsdp: found no transformer blocks to shard in {type(model).__name__}")
         # fully_shard moves each unit to the mesh's device as it shards it: a model still
         # on the CPU never needs the whole of it on one GPU.
+        same_on_every_rank(model, self.runtime.device)
         mesh = init_device_mesh(self.runtime.device.type, (self.runtime.world_size,))
         for block in units:
             fully_shard(block, mesh=mesh)
