@@ -18,6 +18,7 @@ from src.modeling import count_params, set_dropout
 from src.options import Options
 from src.reader.task import ReaderConfig, load_reader, reader_task
 from src.train import checkpoint
+from src.train.fsdp import FullySharded, training_strategy
 from src.train.optim import schedule_pitfalls, unused_flags
 from src.train.trainer import train
 
@@ -58,11 +59,15 @@ def main(argv: list[str] | None = None) -> None:
     )
     set_dropout(model, opt.dropout)
     model.set_checkpoint(opt.use_checkpoint)
-    model = model.to(runtime.device)
+    strategy = training_strategy(opt.fsdp, runtime, logger)
+    if isinstance(strategy, FullySharded):  # the same encoder calls on every rank; sharding moves it to the device
+        model.max_buckets = 1
+    else:
+        model = model.to(runtime.device)
     logger.info("reader: %.1fM parameters on %s", count_params(model) / 1e6, runtime.device)
 
     task = reader_task(reader_cfg, tokenizer, train_dataset, eval_dataset)
-    train(task, model, tokenizer, train_cfg, runtime, run_dir, resume_dir, logger)
+    train(task, model, tokenizer, train_cfg, runtime, run_dir, resume_dir, logger, strategy)
     logger.info("done: checkpoints in %s", checkpoint.checkpoint_root(run_dir))
     finish()
 

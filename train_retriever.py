@@ -24,6 +24,7 @@ from src.modeling import count_params, set_dropout
 from src.options import Options
 from src.retriever.task import EncoderChoice, RetrieverTaskConfig, load_retriever, retriever_task
 from src.train import checkpoint
+from src.train.fsdp import training_strategy
 from src.train.optim import schedule_pitfalls, unused_flags
 from src.train.trainer import train
 
@@ -72,7 +73,8 @@ def main(argv: list[str] | None = None) -> None:
 
     task_cfg = config_from(RetrieverTaskConfig, opt)
     task = retriever_task(task_cfg, runtime, tokenizer, retriever, train_dataset, eval_dataset, logger)
-    train(task, retriever, tokenizer, train_cfg, runtime, run_dir, resume_dir, logger)
+    strategy = training_strategy(opt.fsdp, runtime, logger)
+    train(task, retriever, tokenizer, train_cfg, runtime, run_dir, resume_dir, logger, strategy)
     logger.info("done: checkpoints in %s", checkpoint.checkpoint_root(run_dir))
     finish()
 

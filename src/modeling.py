@@ -95,3 +95,18 @@ def config_model_type(path: str | Path) -> str | None:
     except (OSError, UnicodeDecodeError, json.JSONDecodeError):
         return None
     return config.get("model_type") if isinstance(config, dict) else None
+
+
+# A --fsdp checkpoint keeps its model and optimizer shards (torch.distributed.checkpoint) here.
+SHARDED_DIR = "sharded"
+
+
+def has_sharded_weights(path: str | Path) -> bool:
+    """True for a checkpoint directory whose weights are only in shards (a --fsdp `latest`)."""
+    return (Path(path) / SHARDED_DIR / ".metadata").is_file()
+
+
+def has_weights(path: str | Path) -> bool:
+    """True for a directory holding save_pretrained weights (one file or an index of shards)."""
+    names = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+    return any((Path(path) / name).is_file() for name in names)

@@ -191,6 +191,12 @@ class Options:
         )
         g.add_argument("--accumulation_steps", type=positive_int, default=1, help="batches per optimizer step")
         g.add_argument(
+            "--fsdp",
+            action="store_true",
+            help="shard parameters, gradients and optimizer state over the processes (FSDP2, one unit per "
+            'transformer block); checkpoints in shards, best_dev/step-N also consolidated (README "Sharded training")',
+        )
+        g.add_argument(
             "--dropout",
             type=float,
             default=0.1,

@@ -49,7 +49,7 @@ RETRIEVER = {
 # The retriever's recipe: read from the model by the corpus scripts, a flag given there is checked against it.
 RECIPE = {"extract_cls", "pooling", "normalize", "similarity_scale", "question_template", "passage_template"}
 OPTIM = {
-    "warmup_steps", "total_steps", "scheduler_steps", "accumulation_steps", "dropout", "lr", "clip", "optim",
+    "warmup_steps", "total_steps", "scheduler_steps", "accumulation_steps", "fsdp", "dropout", "lr", "clip", "optim",
     "scheduler", "weight_decay", "fixed_lr",
 }  # fmt: skip
 EVAL = {"write_results", "write_crossattention_scores", "score_kind"}

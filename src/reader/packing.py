@@ -178,10 +178,12 @@ def encode_padded(encoder, input_ids: torch.Tensor, attention_mask: torch.Tensor
     return EncodedPassages(attention_mask, padded=states.last_hidden_state)
 
 
-def bucket_passages(lengths: torch.Tensor | list[int], min_tokens: int | None = None) -> list[torch.Tensor]:
+def bucket_passages(
+    lengths: torch.Tensor | list[int], min_tokens: int | None = None, max_buckets: int = MAX_BUCKETS
+) -> list[torch.Tensor]:
     """Flat passage indices (CPU tensors) grouped into buckets of similar length, longest
     first: a bucket takes passages down to (1 − BUCKET_SLACK) × its longest, and more until
-    it holds `min_tokens` padded tokens; at most MAX_BUCKETS buckets (the last takes the
+    it holds `min_tokens` padded tokens; at most `max_buckets` buckets (1 under --fsdp, where every rank must make the same calls) (the last takes the
     rest, and so does a bucket after which fewer than `min_tokens` would be left). Passages
     of one length make one bucket, so there is no extra encoder call when nothing is
     padded. Passages without tokens are in none. `min_tokens`: MIN_BUCKET_TOKENS unless given."""
@@ -194,7 +196,7 @@ def bucket_passages(lengths: torch.Tensor | list[int], min_tokens: int | None = 
     while start < n_real:
         floor, width = sorted_lengths[start] * (1 - BUCKET_SLACK), _round_up(sorted_lengths[start])
         end = start + 1
-        if len(buckets) == MAX_BUCKETS - 1:
+        if len(buckets) == max_buckets - 1:
             end = n_real
         while end < n_real and (sorted_lengths[end] >= floor or (end - start) * width < min_tokens):
             end += 1
@@ -211,6 +213,7 @@ def encode_in_buckets(
     attention_mask: torch.Tensor,
     packed: bool = True,
     lengths: list[int] | None = None,
+    buckets: int = MAX_BUCKETS,
 ) -> EncodedPassages:
     """The encoder over length buckets of the (B, N, L) passages: only real tokens kept.
 
@@ -226,9 +229,9 @@ def encode_in_buckets(
             raise ValueError("encode_in_buckets needs right-padded passages and a real token per question")
     ids, mask = input_ids.reshape(B * N, L), attention_mask.reshape(B * N, L)
     host = torch.tensor(lengths, dtype=torch.long)  # (B·N,) on the CPU
-    buckets = bucket_passages(lengths)
+    groups = bucket_passages(lengths, max_buckets=buckets)
     plan, widths, full = [], [], []
-    for idx in buckets:
+    for idx in groups:
         width = min(L, _round_up(int(host[idx[0]])))  # idx[0]: the bucket's longest
         keep = torch.arange(width)[None, :] < host[idx][:, None]  # (n, width)
         rows = keep.reshape(-1).nonzero().squeeze(1)  # kept rows of the bucket's (n·width) states
@@ -245,7 +248,7 @@ def encode_in_buckets(
         real.append(states if full[b] else states.index_select(0, rows))  # (r, d)
         passage.append(bucket_passage)
         token.append(bucket_token)
-    in_order = torch.equal(torch.cat(buckets), torch.arange(B * N))  # host tensors
+    in_order = torch.equal(torch.cat(groups), torch.arange(B * N))  # host tensors
     return EncodedPassages(
         attention_mask,
         real=torch.cat(real),

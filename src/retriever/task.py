@@ -20,7 +20,7 @@ from src.devices import precision_autocast
 from src.distributed import Runtime
 from src.errors import InputError, ModelPathError
 from src.metrics import per_question_ranking_metrics
-from src.modeling import check_model_path, loading
+from src.modeling import check_model_path, has_sharded_weights, has_weights, loading
 from src.retriever.grad_cache import grad_cache_backward
 from src.retriever.losses import get_loss
 from src.retriever.model import (
@@ -121,7 +121,10 @@ def load_retriever(
     check_model_path(model_dir, "retriever")
     if os.path.isdir(model_dir) and not os.path.isfile(os.path.join(model_dir, "config.json")):
         raise ModelPathError(f"{model_dir}: no config.json, not a retriever or encoder (BERT-like) directory")
-    if is_saved_retriever(model_dir):
+    if is_saved_retriever(model_dir) and has_sharded_weights(model_dir) and not has_weights(model_dir):
+        with loading(model_dir, "retriever"):  # a --fsdp latest: the shards load later
+            retriever = Retriever(RetrieverConfig.from_pretrained(model_dir))
+    elif is_saved_retriever(model_dir):
         with loading(model_dir, "retriever"):
             retriever = Retriever.from_pretrained(model_dir, dtype=torch.float32)
         check_recipe(retriever.config, choice, model_dir, log)

@@ -16,7 +16,15 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
-from transformers import BertConfig, BertModel, PreTrainedTokenizerFast, T5Config, T5ForConditionalGeneration
+from transformers import (
+    AutoModelForSeq2SeqLM,
+    BertConfig,
+    BertModel,
+    MT5Config,
+    PreTrainedTokenizerFast,
+    T5Config,
+    UMT5Config,
+)
 
 T5_SPECIALS = ["<pad>", "</s>", "<unk>"]  # ids 0, 1, 2 as in T5
 BERT_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
@@ -97,6 +105,38 @@ def tiny_t5_config(vocab_size: int, d_model: int = 32, layers: int = 2, heads: i
     )
 
 
+# The reader families (src/reader/model.py FAMILIES), as tiny configs: what differs from
+# the original T5 is the feed-forward (gated GELU), the output embedding (its own, no
+# rescaling) and, for UMT5, a relative position table in every layer.
+READER_FAMILIES = ("t5", "t5_v1_1", "mt5", "umt5")
+
+
+def tiny_reader_config(family: str, vocab_size: int, d_model: int = 32, layers: int = 2, heads: int = 4, **kw):
+    """A tiny config of one reader family: t5 (original), t5_v1_1 (also LM-adapted and
+    Flan-T5: the same architecture), mt5 or umt5."""
+    if family == "t5":
+        return tiny_t5_config(vocab_size, d_model, layers, heads, **kw)
+    v1_1 = {"feed_forward_proj": "gated-gelu", "tie_word_embeddings": False}
+    if family == "t5_v1_1":
+        return tiny_t5_config(vocab_size, d_model, layers, heads, **{**v1_1, **kw})
+    config_class = {"mt5": MT5Config, "umt5": UMT5Config}[family]
+    return config_class(
+        vocab_size=vocab_size,
+        d_model=d_model,
+        d_kv=d_model // heads,
+        d_ff=kw.pop("d_ff", 2 * d_model),
+        num_layers=layers,
+        num_decoder_layers=kw.pop("num_decoder_layers", layers),
+        num_heads=heads,
+        relative_attention_num_buckets=kw.pop("relative_attention_num_buckets", 32),
+        dropout_rate=kw.pop("dropout_rate", 0.0),
+        pad_token_id=0,
+        eos_token_id=1,
+        decoder_start_token_id=0,
+        **{**v1_1, **kw},
+    )
+
+
 def tiny_bert_config(vocab_size: int, hidden: int = 32, layers: int = 2, heads: int = 4, **kw) -> BertConfig:
     return BertConfig(
         vocab_size=vocab_size,
@@ -112,12 +152,15 @@ def tiny_bert_config(vocab_size: int, hidden: int = 32, layers: int = 2, heads: 
     )
 
 
-def save_tiny_t5(path: str | Path, texts: Iterable[str], seed: int = 0, **config_kw) -> Path:
-    """Tokenizer + randomly initialised T5 saved as one model directory."""
+def save_tiny_t5(path: str | Path, texts: Iterable[str], seed: int = 0, family: str = "t5", **config_kw) -> Path:
+    """Tokenizer + randomly initialised T5 (or another reader family, as the plain
+    transformers class) saved as one model directory."""
     path = Path(path)
     tokenizer = build_word_tokenizer(texts, "t5")
     torch.manual_seed(seed)
-    model = T5ForConditionalGeneration(tiny_t5_config(len(tokenizer), **config_kw))
+    model = AutoModelForSeq2SeqLM.from_config(tiny_reader_config(family, len(tokenizer), **config_kw))
+    if family != "t5":  # its own output embedding, as the released checkpoints have
+        model.lm_head.weight = torch.nn.Parameter(torch.randn_like(model.shared.weight) * 0.05)
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path

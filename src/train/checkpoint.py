@@ -110,7 +110,8 @@ def save(
     rngs = dist.gather_objects(rng_state())
     final = checkpoint_root(run_dir) / name
     with _shared_directory(final) as tmp:
-        model_state = strategy.save(tmp, model, optimizer)
+        # `latest` is for resuming: a sharding strategy may keep it in shards only.
+        model_state = strategy.save(tmp, model, optimizer, consolidated=name != "latest")
         if dist.is_main():
             payload = {
                 "step": int(state["step"]),

@@ -16,6 +16,7 @@ from typing import Any, Protocol
 import torch
 
 from src.distributed import Runtime
+from src.errors import InputError
 
 
 class Strategy(Protocol):
@@ -31,9 +32,18 @@ class Strategy(Protocol):
     def clip_grad_norm(self, wrapped: torch.nn.Module, max_norm: float) -> torch.Tensor:
         """Clip by the norm of all gradients of the model (every shard counted)."""
 
-    def save(self, directory: Path, wrapped: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    def grad_scaler(self, enabled: bool) -> torch.amp.GradScaler:
+        """The fp16 loss scaler (enabled only for fp16 on CUDA)."""
+
+    def evaluating(self, wrapped: torch.nn.Module) -> contextlib.AbstractContextManager:
+        """Around evaluation: whatever lets each rank run its own number of forward calls."""
+
+    def save(
+        self, directory: Path, wrapped: torch.nn.Module, optimizer: torch.optim.Optimizer, consolidated: bool = True
+    ) -> dict[str, Any]:
         """Write the model into `directory` (shared by the ranks); returns what rank 0 stores in
-        the checkpoint's training state for `load` to read back."""
+        the checkpoint's training state for `load` to read back. `consolidated`: also as a
+        plain `save_pretrained` model (best_dev, step-N; `latest` may skip it)."""
 
     def load(self, directory: Path, wrapped: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
         """Restore the optimizer (the weights are loaded before `wrap`) from a checkpoint."""
@@ -63,12 +73,22 @@ class DataParallel:
     def clip_grad_norm(self, wrapped: torch.nn.Module, max_norm: float) -> torch.Tensor:
         return torch.nn.utils.clip_grad_norm_(wrapped.parameters(), max_norm)
 
-    def save(self, directory: Path, wrapped: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    def grad_scaler(self, enabled: bool) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler("cuda", enabled=enabled)
+
+    def evaluating(self, wrapped: torch.nn.Module) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def save(
+        self, directory: Path, wrapped: torch.nn.Module, optimizer: torch.optim.Optimizer, consolidated: bool = True
+    ) -> dict[str, Any]:
         if not self.runtime.is_main:
             return {}
         self.unwrap(wrapped).save_pretrained(directory)
         return {"optimizer": optimizer.state_dict()}
 
     def load(self, directory: Path, wrapped: torch.nn.Module, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        if state.get("sharded"):
+            raise InputError(f"{directory}: saved with --fsdp (sharded); resume it with --fsdp")
         if state.get("optimizer") is not None:
             optimizer.load_state_dict(state["optimizer"])

@@ -5,7 +5,7 @@ collator, `loss(model, batch)`, `evaluate(model) -> {metric: value}` and the met
 picks `best_dev`). It owns the optimizer and schedule, steps, gradient accumulation,
 clipping, the eval/save cadence, `best_dev`/`step-N`/`latest`, tensorboard, the progress
 bar, SIGTERM/SIGUSR1, and resuming exactly (same data order, same random state). How the
-model is spread over the ranks (DDP today) is a `Strategy` (strategy.py).
+model is spread over the ranks (DDP, or FSDP with --fsdp) is a `Strategy` (strategy.py, fsdp.py).
 """
 
 from __future__ import annotations
@@ -146,7 +146,7 @@ class Trainer:
         self.step: int = state["step"]
         self.best: float | None = state["best_metric"]
         self.use_scaler = config.precision == "fp16" and runtime.device.type == "cuda"
-        self.scaler = torch.amp.GradScaler("cuda", enabled=self.use_scaler)
+        self.scaler = strategy.grad_scaler(self.use_scaler)
         if self.use_scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.accumulation = max(1, config.accumulation_steps)
@@ -318,7 +318,10 @@ class Trainer:
         # draws a seed): training is the same whatever the eval cadence, and a run stopped
         # at an evaluation resumes exactly.
         rng = checkpoint.rng_state()
-        metrics = self.task.evaluate(self.strategy.unwrap(self.model)) if self.task.evaluate is not None else {}
+        metrics = {}
+        if self.task.evaluate is not None:
+            with self.strategy.evaluating(self.model):
+                metrics = self.task.evaluate(self.strategy.unwrap(self.model))
         checkpoint.set_rng_state(rng)
         self.model.train()
         examples_per_s = steps_done * cfg.per_gpu_batch_size * runtime.world_size / max(elapsed, 1e-9)
