@@ -84,25 +84,29 @@ def build_word_tokenizer(
     )
 
 
+def _t5_family_kwargs(vocab_size: int, d_model: int, layers: int, heads: int, kw: dict) -> dict:
+    """The config fields every tiny T5-family reader shares (`kw` wins)."""
+    return {
+        "vocab_size": vocab_size,
+        "d_model": d_model,
+        "d_kv": d_model // heads,
+        "d_ff": 2 * d_model,
+        "num_layers": layers,
+        "num_decoder_layers": layers,
+        "num_heads": heads,
+        "relative_attention_num_buckets": 32,
+        "dropout_rate": 0.0,
+        "pad_token_id": 0,
+        "eos_token_id": 1,
+        "decoder_start_token_id": 0,
+        **kw,
+    }
+
+
 def tiny_t5_config(vocab_size: int, d_model: int = 32, layers: int = 2, heads: int = 4, **kw) -> T5Config:
     """A T5 small enough to train in seconds on a CPU."""
-    return T5Config(
-        vocab_size=vocab_size,
-        d_model=d_model,
-        d_kv=d_model // heads,
-        d_ff=kw.pop("d_ff", 2 * d_model),
-        num_layers=layers,
-        num_decoder_layers=kw.pop("num_decoder_layers", layers),
-        num_heads=heads,
-        relative_attention_num_buckets=kw.pop("relative_attention_num_buckets", 32),
-        dropout_rate=kw.pop("dropout_rate", 0.0),
-        feed_forward_proj=kw.pop("feed_forward_proj", "relu"),
-        tie_word_embeddings=kw.pop("tie_word_embeddings", True),
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-        **kw,
-    )
+    defaults = {"feed_forward_proj": "relu", "tie_word_embeddings": True}
+    return T5Config(**_t5_family_kwargs(vocab_size, d_model, layers, heads, {**defaults, **kw}))
 
 
 # The reader families (src/reader/model.py FAMILIES), as tiny configs: what differs from
@@ -120,21 +124,7 @@ def tiny_reader_config(family: str, vocab_size: int, d_model: int = 32, layers: 
     if family == "t5_v1_1":
         return tiny_t5_config(vocab_size, d_model, layers, heads, **{**v1_1, **kw})
     config_class = {"mt5": MT5Config, "umt5": UMT5Config}[family]
-    return config_class(
-        vocab_size=vocab_size,
-        d_model=d_model,
-        d_kv=d_model // heads,
-        d_ff=kw.pop("d_ff", 2 * d_model),
-        num_layers=layers,
-        num_decoder_layers=kw.pop("num_decoder_layers", layers),
-        num_heads=heads,
-        relative_attention_num_buckets=kw.pop("relative_attention_num_buckets", 32),
-        dropout_rate=kw.pop("dropout_rate", 0.0),
-        pad_token_id=0,
-        eos_token_id=1,
-        decoder_start_token_id=0,
-        **{**v1_1, **kw},
-    )
+    return config_class(**_t5_family_kwargs(vocab_size, d_model, layers, heads, {**v1_1, **kw}))
 
 
 def tiny_bert_config(vocab_size: int, hidden: int = 32, layers: int = 2, heads: int = 4, **kw) -> BertConfig:
