@@ -311,7 +311,11 @@ TEST_READER_CASES = [
     case("eval_data-missing", ["--eval_data", "{bad}/nothing.json"], "nothing.json: no such file"),
     case("model_path-empty-dir", ["--model_path", "{bad}/no_model"], "no_model: no config.json, not a T5"),
     case("model_path-no-weights", ["--model_path", "{bad}/config_only"], "config_only: no model weights"),
-    case("model_path-bert", ["--model_path", "{bert}"], "bert: config.json is a bert model; a FiD reader is one of model_type t5"),
+    case(
+        "model_path-bert",
+        ["--model_path", "{bert}"],
+        "bert: config.json is a bert model; a FiD reader is one of model_type t5",
+    ),
     case("model_path-missing", ["--model_path", "{bad}/nowhere"], "reader {bad}/nowhere: no such directory"),
     case("model_path-required", ["--model_path", "none"], "--model_path is required"),
     # A signal of the gold answer on a file without one: stops before the model loads.
@@ -350,7 +354,11 @@ TRAIN_READER_CASES = [
     case("total_steps-negative", ["--total_steps", "-1"], "argument --total_steps: must be a positive integer"),
     case("eval_freq-0", ["--eval_freq", "0"], "argument --eval_freq: must be a positive integer"),
     case("model_path-empty-dir", ["--model_path", "{bad}/no_model"], "no_model: no config.json, not a T5"),
-    case("model-bert", ["--model_name_or_path", "{bert}"], "bert: config.json is a bert model; a FiD reader is one of model_type t5"),
+    case(
+        "model-bert",
+        ["--model_name_or_path", "{bert}"],
+        "bert: config.json is a bert model; a FiD reader is one of model_type t5",
+    ),
 ]
 
 
