@@ -9,6 +9,7 @@ import re
 
 import numpy as np
 import pytest
+from test_flags import parser_of  # the parser a script's main builds, stopped at parse
 
 import generate_passage_embeddings
 import passage_retrieval
@@ -19,31 +20,11 @@ import train_reader
 import train_retriever
 from src.cli import close_loggers
 from src.data.datasets import unread_ctxs
-from src.options import Options
 from src.toy.tiny_models import save_tiny_t5
 from src.train.config import OptimConfig
 from src.train.optim import schedule_pitfalls
 
 OPTIONS_SCRIPTS = [train_reader, test_reader, train_retriever, generate_passage_embeddings, passage_retrieval]
-
-
-class _Parsed(Exception):
-    pass
-
-
-def parser_of(module, monkeypatch) -> argparse.ArgumentParser:
-    """The parser a script's main builds (stopped right at parse)."""
-    seen = {}
-
-    def parse(self, argv=None):
-        seen["parser"] = self.parser
-        raise _Parsed
-
-    monkeypatch.setattr(Options, "parse", parse)
-    with pytest.raises(_Parsed):
-        module.main([])
-    monkeypatch.undo()
-    return seen["parser"]
 
 
 def all_parsers(parser: argparse.ArgumentParser, name: str):
