@@ -84,9 +84,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=0, help="random seed of the toy world and of every step")
     g.add_argument(
         "--precision",
-        default="bf16",
+        default=None,
         choices=["fp32", "bf16", "fp16"],
-        help="--precision of every step (autocast dtype; fp16 is meant for GPUs)",
+        help="--precision of every step (autocast dtype; fp16 is meant for GPUs). Default: bf16 when the steps "
+        "run on CUDA, fp32 on CPU (bf16 is emulated, and slow, on CPUs without bf16 instructions)",
     )
     g.add_argument(
         "--device", default=None, help="cuda / cpu for every step (unset: each script's choice, cuda when available)"

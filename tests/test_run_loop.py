@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 import run_loop
 from src.data.questions import load_questions, read_ctxs, write_questions
@@ -335,6 +336,17 @@ def test_loop_config_fills_what_depends_on_toy_or_real_data():
         quick.n_context = 3
     with pytest.raises(SystemExit):
         run_loop.get_options(["--train_data", "t"])  # all four data flags or none
+
+
+def test_loop_precision_is_bf16_on_cuda_and_fp32_on_cpu(monkeypatch):
+    def precision(*argv: str) -> str:
+        return run_loop.loop_config([*argv, "--output_dir", "x"]).precision
+
+    assert precision("--device", "cpu") == "fp32" and precision("--device", "cuda:1") == "bf16"
+    assert precision("--device", "cpu", "--precision", "bf16") == "bf16"  # as given
+    for visible, expected in ((True, "bf16"), (False, "fp32")):  # no --device: each script takes cuda if visible
+        monkeypatch.setattr(torch.cuda, "is_available", lambda visible=visible: visible)
+        assert precision() == expected and precision("--precision", "fp16") == "fp16"
 
 
 def test_top_ctxs_keeps_the_passages_read(tmp_path):

@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+
 # Sizes: tiny for the toy world, the original's defaults for real data.
 SIZES = {
     "n_context": (10, 100),
@@ -39,7 +41,7 @@ class LoopConfig:
     nproc: int = 1
     quick: bool = False
     seed: int = 0
-    precision: str = "bf16"
+    precision: str | None = None  # None: bf16 on CUDA, fp32 on CPU (see derive)
     device: str | None = None
     # reader
     n_context: int | None = None
@@ -74,6 +76,14 @@ class LoopConfig:
         return (self.train_data, self.eval_data, self.test_data, self.passages)
 
 
+def default_precision(device: str | None) -> str:
+    """bf16 where the steps run on CUDA (`device`, or no `device` and a GPU visible), else fp32:
+    CPUs without bf16 instructions emulate bf16 matrix products, which made the toy loop's
+    training steps 3-5x slower than fp32 (docs/results.md, "The toy loop")."""
+    on_cuda = device.startswith("cuda") if device else torch.cuda.is_available()
+    return "bf16" if on_cuda else "fp32"
+
+
 def derive(config: LoopConfig, root: Path) -> LoopConfig:
     """The config with the sizes and defaults that depend on toy world vs real data filled in
     (`config.toy` is set from whether data files were given; all four or none). `root`: where
@@ -90,6 +100,8 @@ def derive(config: LoopConfig, root: Path) -> LoopConfig:
     for name, (toy_value, real_value) in SIZES.items():
         if given[name] is None:
             values[name] = toy_value if toy else real_value
+    if config.precision is None:
+        values["precision"] = default_precision(config.device)
     n_context = values.get("n_context", config.n_context)
     if config.quick:
         values.update(
