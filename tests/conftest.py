@@ -10,6 +10,9 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# The scripts the tests start inherit this: their tiny models gain nothing from intra-op
+# threads, and pytest-xdist already runs one worker per core (pyproject.toml's addopts).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 PARITY = ROOT / "tests" / "data" / "parity"
 
@@ -24,6 +27,21 @@ from src.toy import world as toy  # noqa: E402
 from src.toy.tiny_models import save_tiny_bert, save_tiny_t5  # noqa: E402
 
 torch.set_num_threads(1)
+
+# The end-to-end runs of the whole loop take minutes each; started first, pytest-xdist's
+# workers (one test at a time each: --maxschedchunk 1) fill in the short tests around them
+# instead of finishing on one long run while the other cores idle.
+LONGEST_FIRST = ("test_run_loop.py", "test_reproducing.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def order(item) -> int:
+        if item.get_closest_marker("slow") is None:
+            return 2
+        return 0 if item.path.name in LONGEST_FIRST else 1
+
+    items.sort(key=order)  # stable: file order within each group
+
 
 # The words of the small hand-written question files that the script tests share.
 TINY_WORDS = "what color does anna boris clara like red blue green yellow question title context".split()
