@@ -136,8 +136,10 @@ def test_a_contradicting_flag_stops_and_the_original_flags_follow_the_model(trai
         run(generate_passage_embeddings, [*base, "--passage_maxlength", "50", "--extract_cls", "--device", "cpu"])
     assert "passage_maxlength=9: keeping it and ignoring --passage_maxlength (50)" in caplog.text
     assert "extract_cls=False: keeping it and ignoring --extract_cls (True)" in caplog.text
+    reference = ["--model_path", model_dir, "--passages", root / "psgs.tsv", "--output_path", root / "plain" / "wiki"]
+    run(generate_passage_embeddings, [*reference, "--device", "cpu"])  # the same model, no flags
     np.testing.assert_array_equal(
-        read_shard(root / "x" / "wiki_00.npz")[1], read_shard(root / "emb" / "wiki_00.npz")[1]
+        read_shard(root / "x" / "wiki_00.npz")[1], read_shard(root / "plain" / "wiki_00.npz")[1]
     )
 
 
