@@ -28,17 +28,20 @@ from src.toy.tiny_models import save_tiny_bert, save_tiny_t5  # noqa: E402
 
 torch.set_num_threads(1)
 
-# The end-to-end runs of the whole loop take minutes each; started first, pytest-xdist's
-# workers (one test at a time each: --maxschedchunk 1) fill in the short tests around them
-# instead of finishing on one long run while the other cores idle.
-LONGEST_FIRST = ("test_run_loop.py", "test_reproducing.py")
+# The end-to-end runs of the whole loop take minutes each. pytest-xdist hands each worker a
+# whole module at a time (--dist loadscope, so module fixtures are built once), in this
+# order: the modules with these runs first, then those with other slow tests, so that the
+# short modules fill in around them instead of one worker finishing a long run alone.
+LONGEST_FIRST = ("test_run_loop.py", "test_compare_signals.py", "test_reproducing.py")
 
 
 def pytest_collection_modifyitems(config, items):
     def order(item) -> int:
         if item.get_closest_marker("slow") is None:
-            return 2
-        return 0 if item.path.name in LONGEST_FIRST else 1
+            return len(LONGEST_FIRST) + 1
+        if item.path.name in LONGEST_FIRST:
+            return LONGEST_FIRST.index(item.path.name)
+        return len(LONGEST_FIRST)
 
     items.sort(key=order)  # stable: file order within each group
 
