@@ -20,6 +20,7 @@ from src.toy.tiny_models import tiny_t5_config
 
 VOCAB = 40
 EOS = 1
+PAD = 0  # also the decoder start token
 MAX_LENGTH = 7  # counts the decoder start token: at most 6 answer tokens
 
 
@@ -53,14 +54,18 @@ def batch():
 
 class EndAt(LogitsProcessor):
     """Greedy decoding that emits EOS once question b's sequence holds ends[b] tokens (None:
-    never). The tiny random readers never choose EOS themselves: this makes answers end early,
-    at different steps, so the steps after an EOS are padding in the batch."""
+    never), and never padding. The tiny random readers never choose EOS themselves: this makes
+    answers end early, at different steps, so the steps after an EOS are padding in the batch.
+    Left alone they answer with padding, the decoder start token: every step before EOS would
+    read the same input and attend alike, and a rule that drops or adds one of those steps (the
+    one that produced EOS, say) would give the same average."""
 
     def __init__(self, ends: list[int | None]):
         self.ends = ends
 
     def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
         scores = scores.clone()
+        scores[:, PAD] = -float("inf")
         for b, end in enumerate(self.ends):
             if end == input_ids.shape[1]:
                 scores[b] = -float("inf")
@@ -248,6 +253,7 @@ def test_every_kind_equals_its_reference_on_answers_that_end_early(models, endin
     for b, q in enumerate(qs):
         assert generated[b, : len(q.answer)].tolist() == q.answer.tolist()
         assert (generated[b, len(q.answer) :] == fid.config.pad_token_id).all()
+        assert PAD not in q.answer[1:].tolist()  # each step before EOS reads a real answer token
     want = torch.tensor([REFERENCES[kind](plain, q) for q in qs])
     assert scores.shape == (3, 4) and scores.dtype == torch.float32
     torch.testing.assert_close(scores, want, atol=2e-5, rtol=0)
