@@ -10,14 +10,9 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# The scripts the tests start inherit this: their tiny models gain nothing from intra-op
-# threads, and pytest-xdist already runs one worker per core (pyproject.toml's addopts).
-os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 PARITY = ROOT / "tests" / "data" / "parity"
 
-# Tiny models gain nothing from intra-op threads, and on a 2-core machine that also runs
-# torchrun subprocesses, oversubscription makes them many times slower.
 import torch  # noqa: E402
 from transformers import AutoTokenizer  # noqa: E402
 
@@ -26,7 +21,11 @@ from src.retriever.model import Retriever  # noqa: E402
 from src.toy import world as toy  # noqa: E402
 from src.toy.tiny_models import save_tiny_bert, save_tiny_t5  # noqa: E402
 
+# Tiny models gain nothing from intra-op threads, and pytest-xdist already runs one worker
+# per core (pyproject.toml's addopts): more threads, here and in the scripts the tests start
+# (they inherit OMP_NUM_THREADS), only oversubscribe the cores, many times slower.
 torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 # The end-to-end runs of the whole loop take minutes each. pytest-xdist hands each worker a
 # whole module at a time (--dist loadscope, so module fixtures are built once), in this

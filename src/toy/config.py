@@ -10,7 +10,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+from src.devices import default_device
 
 # Sizes: tiny for the toy world, the original's defaults for real data.
 SIZES = {
@@ -79,9 +79,8 @@ class LoopConfig:
 def default_precision(device: str | None) -> str:
     """bf16 where the steps run on CUDA (`device`, or no `device` and a GPU visible), else fp32:
     CPUs without bf16 instructions emulate bf16 matrix products, which made the toy loop's
-    training steps 3-5x slower than fp32 (docs/results.md, "The toy loop")."""
-    on_cuda = device.startswith("cuda") if device else torch.cuda.is_available()
-    return "bf16" if on_cuda else "fp32"
+    retriever steps 4.6x slower than fp32 on 2 cores (docs/results.md, "The toy loop")."""
+    return "bf16" if default_device(device).type == "cuda" else "fp32"
 
 
 def derive(config: LoopConfig, root: Path) -> LoopConfig:
